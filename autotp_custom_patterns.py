@@ -1,0 +1,777 @@
+#!/usr/bin/env python
+"""Train a Hugging Face GPT-NeoX (Pythia) model with DeepSpeed AutoTP and custom partition patterns.
+
+What this script shows, in the order the code runs:
+  1. the AutoTP `partition_config` for GPT-NeoX written as plain data (`gpt_neox_layer_specs`),
+     including the right way to split its fused query_key_value weight, whose rows are interleaved
+     per head ([head0: q k v][head1: q k v]...), not stacked as [Q; K; V];
+  2. AutoTP switched on from the DeepSpeed config alone (`tensor_parallel.autotp_size`), with ZeRO-2;
+  3. a DP-rank-aware sampler: the ranks of one TP group read identical batches, DP ranks disjoint ones;
+  4. checks that the sharding really happened (AutoTP leaves an unmatched layer replicated, silently).
+
+Rank layout. DeepSpeed puts consecutive ranks in one TP group: tp_rank = rank % tp, dp_rank = rank // tp.
+With tp=2, dp=2 (4 ranks):
+
+                  tp_rank 0   tp_rank 1
+    dp_rank 0  [  rank 0      rank 1   ]  <- TP group: one model replica, split in 2, same batches
+    dp_rank 1  [  rank 2      rank 3   ]  <- TP group: the other replica, other batches
+                  DP group    DP group
+                  [0, 2]      [1, 3]      <- ZeRO reduces gradients (and shards optimizer state) here
+
+Launch:
+  laptop, CPU only, no network (tiny random GPT-NeoX, English text shipped with Python):
+    torchrun --standalone --nproc_per_node 4 autotp_custom_patterns.py --tp_size 2 --dp_size 2
+  8 GPUs, Pythia-6.9B from the Hugging Face hub:
+    deepspeed --num_gpus 8 autotp_custom_patterns.py --model_name EleutherAI/pythia-6.9b \\
+        --tp_size 4 --dp_size 2 --seq_length 512 --num_steps 20
+  8 GPUs without hub access (same shape, random weights):
+    deepspeed --num_gpus 8 autotp_custom_patterns.py --model_name builtin:pythia-6.9b --tp_size 4 --dp_size 2
+
+Outputs: progress on rank 0, and `<output_dir>/results.json` (arguments, layout, train/eval curves,
+throughput). `python autotp_custom_patterns.py --help` lists every knob.
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from itertools import count
+from pathlib import Path
+
+import datasets
+import deepspeed
+import torch
+import torch.distributed as dist
+import transformers
+from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import groups
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig
+
+# ------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------
+
+BUILTIN_PREFIX = "builtin:"
+# GPT-NeoX shapes with random weights, for machines without hub access. The Pythia rows are the
+# published Pythia shapes (layers, hidden, heads, padded vocab); MLP width is 4 x hidden.
+BUILTIN_SHAPES = {
+    "tiny": (2, 64, 4, 8192),
+    "pythia-70m": (6, 512, 8, 50304),
+    "pythia-160m": (12, 768, 12, 50304),
+    "pythia-410m": (24, 1024, 16, 50304),
+    "pythia-1b": (16, 2048, 8, 50304),
+    "pythia-1.4b": (24, 2048, 16, 50304),
+    "pythia-2.8b": (32, 2560, 32, 50304),
+    "pythia-6.9b": (32, 4096, 32, 50432),
+    "pythia-12b": (36, 5120, 40, 50688),
+}
+BUILTIN_TOKENIZER_VOCAB = 8192  # byte-level BPE trained on the training text for built-in shapes
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Dense bf16/fp16 tensor-core peak per GPU, TFLOP/s; the first name found in the device name wins.
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "B200": 2250,
+               "A100": 312, "L40S": 362}
+TEXT_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on rank 0, exit code 2, before heavy work where possible."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # model
+    a("--model_name", default=None,
+      help="hub id, local directory, or builtin:NAME (random weights; NAME in "
+           f"{', '.join(BUILTIN_SHAPES)}). Default: builtin:tiny without a GPU, builtin:pythia-410m with one")
+    a("--tokenizer_name", default=None, help="tokenizer to use instead of the model's own")
+    a("--random_init", action="store_true", help="build a hub/local model from its config with random weights")
+    a("--trust_remote_code", action="store_true", help="allow model/tokenizer code from the hub")
+    # parallelism
+    a("--tp_size", type=int, default=None, help="tensor-parallel ranks per model replica "
+      "(default: world_size / dp_size, or world_size when neither is given)")
+    a("--dp_size", type=int, default=None, help="data-parallel replicas (default: world_size / tp_size)")
+    a("--zero_stage", type=int, default=2, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
+    a("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
+      help="set by the deepspeed launcher; torchrun sets LOCAL_RANK instead")
+    # data
+    a("--dataset_name", default=None, help="Hugging Face datasets name, e.g. wikitext")
+    a("--dataset_config_name", default=None, help="its configuration, e.g. wikitext-103-raw-v1")
+    a("--train_file", default=None, help="txt (one document per paragraph), json/jsonl, csv or parquet")
+    a("--validation_file", default=None, help="same formats; default: hold out part of the training text")
+    a("--text_column", default="text", help="column holding the text")
+    a("--validation_split_percentage", type=float, default=5.0,
+      help="documents held out for evaluation when there is no validation split or file")
+    a("--preprocessing_num_workers", type=int, default=None, help="processes for tokenization")
+    a("--cache_dir", default=os.path.join(Path.home(), ".cache", "autotp_custom_patterns"),
+      help="where the embedded corpus and trained tokenizers are kept")
+    # optimisation
+    a("--batch_size", type=int, default=1, help="micro-batch per rank (sequences)")
+    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    a("--seq_length", type=int, default=512, help="tokens per training sequence")
+    a("--num_steps", type=int, default=50, help="optimizer steps; 0 evaluates only")
+    a("--learning_rate", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    a("--weight_decay", type=float, default=0.01, help="AdamW weight decay for matrices (not biases, norms)")
+    a("--warmup_steps", type=int, default=None, help="linear warmup steps before cosine decay (default 10%%)")
+    a("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm; 0 disables")
+    a("--precision", default="bf16", choices=list(DTYPES), help="training dtype")
+    a("--seed", type=int, default=42, help="seed for weights, data order and tokenizer training")
+    # reporting
+    a("--log_interval", type=int, default=5, help="log every N steps (each log syncs the host)")
+    a("--eval_interval", type=int, default=25, help="evaluate every N steps (and at the end); 0: only at the end")
+    a("--peak_tflops", type=float, default=None, help="accelerator peak TFLOP/s for MFU (default: detected)")
+    a("--output_dir", default="output", help="where results.json is written")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Checks that need no model and no process group. Raises UsageError naming the flag to change."""
+    for name in ("batch_size", "gradient_accumulation_steps", "seq_length", "log_interval"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("num_steps", "eval_interval", "weight_decay", "max_grad_norm"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be zero or positive, got {getattr(args, name)}")
+    for name in ("tp_size", "dp_size", "warmup_steps", "preprocessing_num_workers"):
+        value = getattr(args, name)
+        if value is not None and value <= 0 and not (name == "warmup_steps" and value == 0):
+            raise UsageError(f"--{name} must be positive, got {value}")
+    if args.learning_rate <= 0:
+        raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if not 0 < args.validation_split_percentage < 100:
+        raise UsageError("--validation_split_percentage must be between 0 and 100")
+    if args.dataset_name and args.train_file:
+        raise UsageError("give either --dataset_name or --train_file, not both")
+    for flag in ("train_file", "validation_file"):
+        path = getattr(args, flag)
+        if path is None:
+            continue
+        if Path(path).suffix not in TEXT_FILE_BUILDERS:
+            raise UsageError(f"--{flag} {path}: use one of {', '.join(TEXT_FILE_BUILDERS)}")
+        if not Path(path).is_file():
+            raise UsageError(f"--{flag} {path} does not exist")
+        if Path(path).stat().st_size == 0:
+            raise UsageError(f"--{flag} {path} is empty")
+    if args.model_name and args.model_name.startswith(BUILTIN_PREFIX):
+        name = args.model_name[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_SHAPES:
+            raise UsageError(f"unknown built-in model {name!r}: use builtin: with one of {', '.join(BUILTIN_SHAPES)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Partition specs: the lesson
+# ------------------------------------------------------------------------------------------------
+
+def gpt_neox_layer_specs():
+    """AutoTP layer specs for GPT-NeoX (Pythia). DeepSpeed matches each pattern with re.match against
+    the full parameter name (gpt_neox.layers.3.attention.query_key_value.weight); the first spec that
+    matches wins; a Linear no spec matches stays replicated on every TP rank."""
+    return [
+        # Fused QKV, weight (3*hidden, hidden). Its rows are interleaved per head, [h0: q k v][h1: q k v]...,
+        # because the model views the output as (..., heads, 3*head_size). A plain contiguous split of the
+        # rows therefore hands rank r whole heads r*H/tp .. (r+1)*H/tp-1, each with its own q, k and v.
+        # No `shape` here: shape=((q, kv, kv), -1) would treat the rows as [Q; K; V] blocks and give each
+        # rank rows of different heads in the q/k/v roles, a different model that still trains.
+        {"patterns": [r".*\.attention\.query_key_value\.weight$"], "partition_type": "column"},
+        # Attention output, weight (hidden, hidden): split the input features, which are the heads this
+        # rank computed; each rank's partial product is all-reduced after the forward. Bias added once.
+        {"patterns": [r".*\.attention\.dense\.weight$"], "partition_type": "row"},
+        # MLP up-projection, weight (4*hidden, hidden): column split, no communication in the forward;
+        # GELU is elementwise, so each rank keeps its slice of the intermediate activations.
+        {"patterns": [r".*\.mlp\.dense_h_to_4h\.weight$"], "partition_type": "column"},
+        # MLP down-projection, weight (hidden, 4*hidden): row split over the same slice, then all-reduce.
+        {"patterns": [r".*\.mlp\.dense_4h_to_h\.weight$"], "partition_type": "row"},
+    ]
+
+
+def matching_spec(specs, param_name):
+    """The spec DeepSpeed applies to `param_name`: the first one with a pattern that re.match-es it."""
+    return next((s for s in specs if any(re.match(p, param_name) for p in s["patterns"])), None)
+
+
+def expected_local_shape(global_shape, spec, tp):
+    """Per-rank shape of a weight (or bias: 1-D) under `spec`: column splits dim 0, row splits dim 1;
+    a row-parallel bias is not split (it is added once, after the all-reduce)."""
+    if spec is None or spec["partition_type"] == "skip":
+        return tuple(global_shape)
+    dim = spec.get("partition_dim", 0 if spec["partition_type"] == "column" else 1)
+    if dim >= len(global_shape):
+        return tuple(global_shape)
+    return tuple(n // tp if d == dim else n for d, n in enumerate(global_shape))
+
+
+def plan_partition(model, specs, tp):
+    """Map every Linear parameter to (spec index or None, global shape, expected local shape).
+    Fails on a spec that matches nothing and on a transformer-block Linear that no spec covers."""
+    plan = {}
+    for module_name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        spec = matching_spec(specs, module_name + ".weight")
+        for kind, param in module.named_parameters(recurse=False):
+            index = None if spec is None else specs.index(spec)
+            plan[f"{module_name}.{kind}"] = (index, tuple(param.shape), expected_local_shape(param.shape, spec, tp))
+    for i, spec in enumerate(specs):
+        if not any(index == i for index, _, _ in plan.values()):
+            raise UsageError(f"layer spec {i} {spec['patterns']} matches no Linear weight of this model: "
+                             "fix its pattern (names look like gpt_neox.layers.0.attention.dense.weight)")
+    missed = [n for n, (index, _, _) in plan.items() if index is None and ".layers." in n]
+    if missed:
+        raise UsageError(f"no layer spec covers {missed[0]} (and {len(missed) - 1} more): it would stay "
+                         "replicated on every TP rank; add a pattern for it")
+    return plan
+
+
+def check_partition(model, plan, specs):
+    """After deepspeed.initialize: every planned parameter has its expected local shape."""
+    local = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    for name, (_, global_shape, expected) in plan.items():
+        if local.get(name) != expected:
+            raise RuntimeError(f"AutoTP left {name} as {local.get(name)}, expected {expected} "
+                               f"(global {global_shape}); check the layer specs and the DeepSpeed version")
+
+
+def partition_summary(plan, specs, tp):
+    rows = [f"AutoTP partition (tp={tp}), global -> per-rank shapes:"]
+    for i, spec in enumerate(specs + [None]):
+        names = [n for n, (index, _, _) in plan.items() if index == (i if spec else None)]
+        if not names:
+            continue
+        _, global_shape, local_shape = plan[names[0]]
+        label = f"{spec['partition_type']:6s} {spec['patterns'][0]}" if spec else "replicated (no spec)"
+        rows.append(f"  {label:55s} {len(names):4d} tensors, e.g. {names[0]} {global_shape} -> {local_shape}")
+    return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# Topology
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one rank sits in the (dp, tp) grid. DeepSpeed builds the same grid from autotp_size:
+    TP groups are consecutive ranks, DP groups are strided by tp."""
+    rank: int
+    world_size: int
+    tp: int
+    dp: int
+
+    @property
+    def tp_rank(self):
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self):
+        return self.rank // self.tp
+
+
+def resolve_layout(rank, world_size, tp=None, dp=None):
+    """Fill in a missing tp or dp from the world size, then check tp x dp = world size."""
+    if tp is None and dp is None:
+        tp, dp = world_size, 1
+    elif tp is None:
+        tp = world_size // dp if world_size % dp == 0 else 0
+    elif dp is None:
+        dp = world_size // tp if world_size % tp == 0 else 0
+    if tp <= 0 or dp <= 0 or tp * dp != world_size:
+        raise UsageError(f"--tp_size x --dp_size must equal the number of processes ({world_size}); "
+                         f"got tp={tp or '?'}, dp={dp or '?'}")
+    return Layout(rank, world_size, tp, dp)
+
+
+class BatchSizeMPU:
+    """What deepspeed.initialize reads from an `mpu` to size the global batch: without one it counts
+    every rank as a data-parallel replica, tp times too many. The engine then switches to its own
+    AutoTP groups, which check_groups compares with this layout."""
+
+    def __init__(self, layout):
+        self.layout = layout
+
+    def get_data_parallel_world_size(self):
+        return self.layout.dp
+
+    def get_data_parallel_rank(self):
+        return self.layout.dp_rank
+
+    def get_model_parallel_world_size(self):
+        return self.layout.tp
+
+    def get_model_parallel_rank(self):
+        return self.layout.tp_rank
+
+
+def check_groups(layout):
+    """DeepSpeed's AutoTP groups must be the ones this script's sampler assumes."""
+    theirs = (groups.get_tensor_model_parallel_rank(), groups.get_tensor_model_parallel_world_size(),
+              groups.get_data_parallel_rank(), groups.get_data_parallel_world_size())
+    ours = (layout.tp_rank, layout.tp, layout.dp_rank, layout.dp)
+    if theirs != ours:
+        raise RuntimeError(f"DeepSpeed's (tp_rank, tp, dp_rank, dp) = {theirs}, expected {ours}")
+
+
+def check_model_fits_tp(config, tp, seq_length):
+    if config.model_type != "gpt_neox":
+        raise UsageError(f"the layer specs here are for GPT-NeoX; {config.model_type} needs its own "
+                         "(edit gpt_neox_layer_specs)")
+    if config.num_attention_heads % tp:
+        raise UsageError(f"--tp_size {tp} must divide the {config.num_attention_heads} attention heads")
+    if config.intermediate_size % tp:
+        raise UsageError(f"--tp_size {tp} must divide the MLP width {config.intermediate_size}")
+    if seq_length > config.max_position_embeddings:
+        raise UsageError(f"--seq_length {seq_length} exceeds the model's maximum of "
+                         f"{config.max_position_embeddings} positions")
+
+
+def init_distributed(local_rank):
+    """Start the process group: NCCL on GPUs, gloo on DeepSpeed's CPU accelerator. A plain
+    `python autotp_custom_patterns.py` runs as a world of one."""
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        os.environ.setdefault(key, value)
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        # DeepSpeed would JIT-compile a shared-memory all-reduce here (~30 s, needs a compiler);
+        # gloo is plenty for CPU runs of small models.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    else:
+        accelerator.set_device(local_rank)  # before any collective: NCCL binds to the current device
+    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=60))
+    return torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
+
+
+def run_local_main_first(fn, local_rank):
+    """Run fn on local rank 0 (filling the caches), then on the other ranks (reading them).
+    An error on local rank 0 is passed to every rank, so none is left waiting."""
+    error, result = None, None
+    if local_rank == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # any failure, so the waiting ranks hear of it
+            error = exc
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else str(error))
+    if error is not None:
+        raise error
+    first = next((m for m in messages if m), None)
+    if first:
+        raise UsageError(first)
+    return result if local_rank == 0 else fn()
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+def embedded_corpus(cache_dir):
+    """The English help text shipped inside Python (pydoc_data.topics, ~465 KB): one JSON line per topic."""
+    from pydoc_data.topics import topics
+    path = Path(cache_dir) / f"pydoc_topics_{platform.python_version()}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)))
+        tmp.rename(path)  # atomic: a reader never sees half a file
+    return str(path)
+
+
+def load_text(args):
+    """A DatasetDict with 'train' and 'validation' splits of raw documents in args.text_column."""
+    def load_file(path):
+        builder = TEXT_FILE_BUILDERS[Path(path).suffix]
+        extra = {"sample_by": "paragraph"} if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files=path, split="train", **extra)
+
+    if args.dataset_name:
+        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name,
+                                    trust_remote_code=args.trust_remote_code or None)
+        train = raw["train"]
+        validation = raw.get("validation")
+    else:
+        train = load_file(args.train_file or embedded_corpus(args.cache_dir))
+        validation = None
+    if args.validation_file:
+        validation = load_file(args.validation_file)
+    for name, split in (("training", train), ("validation", validation)):
+        if split is not None and args.text_column not in split.column_names:
+            raise UsageError(f"the {name} data has no column {args.text_column!r} (it has "
+                             f"{', '.join(split.column_names)}): set --text_column")
+    if validation is None:
+        held_out = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+        train, validation = held_out["train"], held_out["test"]
+    columns = [args.text_column]
+    return datasets.DatasetDict(train=train.select_columns(columns), validation=validation.select_columns(columns))
+
+
+def train_bpe_tokenizer(train_text, text_column, vocab_size, cache_dir):
+    """Byte-level BPE trained on the training text (for built-in shapes, which ship no tokenizer).
+    Deterministic for the same text, and cached under a key derived from the data's fingerprint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    key = hashlib.sha256(f"{train_text._fingerprint}-{vocab_size}".encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"bpe-{key}" / "tokenizer.json"
+    if not path.exists():
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        batches = (train_text[i:i + 1000][text_column] for i in range(0, len(train_text), 1000))
+        tokenizer.train_from_iterator(batches, trainer=trainer, length=len(train_text))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tokenizer.save(str(tmp))
+        tmp.rename(path)
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>")
+
+
+def load_tokenizer(args, raw):
+    if args.tokenizer_name or not args.model_name.startswith(BUILTIN_PREFIX):
+        return AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name,
+                                             trust_remote_code=args.trust_remote_code)
+    return train_bpe_tokenizer(raw["train"], args.text_column, BUILTIN_TOKENIZER_VOCAB, args.cache_dir)
+
+
+def pack_into_blocks(raw, tokenizer, seq_length, text_column, num_proc=None):
+    """Tokenize, join documents with EOS, cut into full seq_length blocks (no padding; the tail of
+    each map batch that does not fill a block is dropped). Cached by `datasets`."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UsageError("the tokenizer has no EOS token to separate documents: pick another --tokenizer_name")
+
+    def pack(batch):
+        ids = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
+        flat = [token for doc in ids for token in doc + [eos]]
+        usable = len(flat) // seq_length * seq_length
+        return {"input_ids": [flat[i:i + seq_length] for i in range(0, usable, seq_length)]}
+
+    return raw.map(pack, batched=True, batch_size=1000, remove_columns=[text_column], num_proc=num_proc,
+                   desc=f"tokenize + pack into {seq_length}-token blocks")
+
+
+def prepare_data(args):
+    """Raw text -> tokenizer -> packed blocks. Run on local rank 0 first (see run_local_main_first)."""
+    raw = load_text(args)
+    for name, split in raw.items():
+        if len(split) == 0:
+            raise UsageError(f"the {name} data has no documents")
+    tokenizer = load_tokenizer(args, raw)
+    blocks = pack_into_blocks(raw, tokenizer, args.seq_length, args.text_column, args.preprocessing_num_workers)
+    return tokenizer, blocks.with_format("torch")
+
+
+def check_data_size(blocks, layout, args):
+    global_batch = args.batch_size * args.gradient_accumulation_steps * layout.dp
+    if len(blocks["train"]) < global_batch:
+        raise UsageError(f"{len(blocks['train'])} training blocks of {args.seq_length} tokens cannot fill one "
+                         f"global batch of {global_batch}: lower --seq_length/--batch_size or add data")
+    if len(blocks["validation"]) < layout.dp:
+        raise UsageError(f"{len(blocks['validation'])} validation blocks for {layout.dp} DP ranks: raise "
+                         "--validation_split_percentage, lower --seq_length or give --validation_file")
+
+
+def make_sampler(dataset, layout, seed, shuffle=True):
+    """The data contract: ranks of one TP group pass the same dp_rank, so they read the same samples;
+    DP ranks get disjoint shards of equal length (drop_last), so every rank runs the same number of
+    steps; the order is fixed by (seed, epoch). Passing dp_rank, not the global rank, is the point."""
+    return DistributedSampler(dataset, num_replicas=layout.dp, rank=layout.dp_rank, shuffle=shuffle,
+                              seed=seed, drop_last=True)
+
+
+def train_batches(dataset, layout, args, device):
+    """Endless micro-batches for this rank, reshuffled every epoch."""
+    sampler = make_sampler(dataset, layout, args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                        pin_memory=device.type == "cuda")
+    for epoch in count():
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            yield batch["input_ids"].to(device, non_blocking=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+
+def default_model_name():
+    return BUILTIN_PREFIX + ("pythia-410m" if torch.cuda.is_available() else "tiny")
+
+
+def load_config(args):
+    """The model's config, cheap: checks run on it before any weight is loaded."""
+    if args.model_name.startswith(BUILTIN_PREFIX):
+        layers, hidden, heads, vocab = BUILTIN_SHAPES[args.model_name[len(BUILTIN_PREFIX):]]
+        # Pythia's other settings are GPTNeoXConfig's defaults (rotary on 25% of each head, parallel
+        # residual, untied output head, 2048 positions).
+        return GPTNeoXConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                             intermediate_size=4 * hidden, vocab_size=vocab, max_position_embeddings=2048,
+                             bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    return AutoConfig.from_pretrained(args.model_name, trust_remote_code=args.trust_remote_code)
+
+
+def build_model(args, config, dtype):
+    """The whole model on the host, in the training dtype, identical on every rank (same seed or same
+    file). It stays on the CPU: deepspeed.initialize shards it, then moves only the shards to the GPU."""
+    transformers.set_seed(args.seed)
+    if args.model_name.startswith(BUILTIN_PREFIX) or args.random_init:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model_name, config=config, dtype=dtype,
+                                                     trust_remote_code=args.trust_remote_code)
+    model.config.use_cache = False
+    return model
+
+
+def non_embedding_params(model):
+    """Parameters outside the input embedding and the output head (the N of the MFU formula)."""
+    embeddings = {model.get_input_embeddings().weight, model.get_output_embeddings().weight}
+    return sum(p.numel() for p in model.parameters() if p not in embeddings)
+
+
+# ------------------------------------------------------------------------------------------------
+# Engine
+# ------------------------------------------------------------------------------------------------
+
+def build_ds_config(args, layer_specs):
+    """The whole DeepSpeed configuration. AutoTP is on because autotp_size is set: nothing else to call."""
+    return {
+        "train_micro_batch_size_per_gpu": args.batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "gradient_clipping": args.max_grad_norm,  # DeepSpeed clips at 1.0 unless told otherwise
+        "zero_optimization": {"stage": args.zero_stage},
+        "bf16": {"enabled": args.precision == "bf16"},
+        "fp16": {"enabled": args.precision == "fp16", "initial_scale_power": 16},
+        "tensor_parallel": {
+            "autotp_size": args.tp_size,
+            "partition_config": {"use_default_specs": False, "layer_specs": layer_specs},
+        },
+        "steps_per_print": 10 ** 9,  # this script does its own logging
+    }
+
+
+def adamw(args):
+    """Optimizer factory. deepspeed.initialize calls it after AutoTP has swapped in the sharded layers,
+    so it sees the parameters that will really train. Matrices decay; biases and norms do not."""
+    def build(params):
+        params = list(params)
+        param_groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+                        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+    return build
+
+
+def warmup_cosine(args):
+    return lambda optimizer: transformers.get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=max(args.num_steps, 1))
+
+
+def build_engine(model, args, layout, layer_specs, optimizer=None):
+    engine, _, _, _ = deepspeed.initialize(model=model, config=build_ds_config(args, layer_specs),
+                                           optimizer=optimizer or adamw(args),
+                                           lr_scheduler=warmup_cosine(args), mpu=BatchSizeMPU(layout))
+    check_groups(layout)
+    return engine
+
+
+# ------------------------------------------------------------------------------------------------
+# Training and evaluation
+# ------------------------------------------------------------------------------------------------
+
+def train_step(engine, batches):
+    """One optimizer step over gradient_accumulation_steps micro-batches; returns this rank's mean
+    loss as a device tensor (no host sync)."""
+    total = 0.0
+    for _ in range(engine.gradient_accumulation_steps()):
+        input_ids = next(batches)
+        loss = engine(input_ids=input_ids, labels=input_ids).loss  # labels are shifted inside the model
+        engine.backward(loss)  # gradients of the shards; ZeRO reduces them over the DP group
+        engine.step()  # optimizer + scheduler run only at the accumulation boundary
+        total = total + loss.detach()
+    return total / engine.gradient_accumulation_steps()
+
+
+def dp_mean(value, layout):
+    """Average a per-rank scalar over the DP group (TP peers already agree). Syncs the host."""
+    value = value.detach().clone().float()
+    dist.all_reduce(value, group=groups.get_data_parallel_group())
+    return value.item() / layout.dp
+
+
+@torch.no_grad()
+def evaluate(engine, dataset, layout, args, device):
+    """Mean loss over the held-out blocks; each DP rank takes a disjoint shard."""
+    engine.eval()
+    sampler = make_sampler(dataset, layout, args.seed, shuffle=False)
+    totals = torch.zeros(2, device=device)
+    for batch in DataLoader(dataset, batch_size=args.batch_size, sampler=sampler):
+        input_ids = batch["input_ids"].to(device)
+        totals += torch.stack([engine(input_ids=input_ids, labels=input_ids).loss.float() * len(input_ids),
+                               torch.tensor(float(len(input_ids)), device=device)])
+    dist.all_reduce(totals, group=groups.get_data_parallel_group())
+    engine.train()
+    loss = (totals[0] / totals[1]).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 80.0))}
+
+
+def peak_flops(args, device):
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+
+
+def peak_memory_gib(device):
+    """Peak accelerator memory allocated by this rank, or the host process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def train(engine, blocks, layout, args, device, flops_per_token):
+    """The loop. Returns the per-log-step records and the evaluations."""
+    batches = train_batches(blocks["train"], layout, args, device)
+    tokens_per_step = args.batch_size * args.gradient_accumulation_steps * layout.dp * args.seq_length
+    peak = peak_flops(args, device)
+    history, evals = [], []
+    log = (lambda msg: tqdm.write(msg)) if layout.rank == 0 else (lambda msg: None)
+    bar = tqdm(total=args.num_steps, unit="step", disable=None if layout.rank == 0 else True)
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(1, args.num_steps + 1):
+        lr = engine.get_lr()[0]
+        loss = train_step(engine, batches)
+        window_steps += 1
+        bar.update()
+        if step % args.log_interval == 0 or step == args.num_steps:
+            loss = dp_mean(loss, layout)  # the sync point: all queued GPU work finishes here
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = tokens_per_step * window_steps / elapsed
+            mfu = flops_per_token * tokens_per_s / (peak * layout.world_size) if peak else None
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed / window_steps,
+                      "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_memory_gib": peak_memory_gib(device)}
+            history.append(record)
+            if not math.isfinite(loss):
+                raise RuntimeError(f"loss is {loss} at step {step}")
+            log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm or float('nan'):.3f} | "
+                f"{1000 * elapsed / window_steps:.0f} ms/step | {tokens_per_s:,.0f} tok/s | "
+                f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | peak mem {record['peak_memory_gib']:.2f} GiB")
+            bar.set_postfix(loss=f"{loss:.3f}")
+            window_start, window_steps = time.perf_counter(), 0
+        if args.eval_interval and step % args.eval_interval == 0 and step != args.num_steps:
+            evals.append({"step": step, **evaluate(engine, blocks["validation"], layout, args, device)})
+            log(f"eval  {step:5d} | loss {evals[-1]['loss']:.4f} | perplexity {evals[-1]['perplexity']:.2f}")
+            window_start = time.perf_counter()  # keep evaluation out of the throughput
+    bar.close()
+    evals.append({"step": args.num_steps, **evaluate(engine, blocks["validation"], layout, args, device)})
+    log(f"eval  {args.num_steps:5d} | loss {evals[-1]['loss']:.4f} | perplexity {evals[-1]['perplexity']:.2f}")
+    return history, evals
+
+
+def throughput_summary(history):
+    """Mean of the logged windows, leaving out the first (warm-up) when there are more."""
+    steady = history[1:] or history
+    if not steady:
+        return {}
+    mfus = [r["mfu"] for r in steady if r["mfu"] is not None]
+    return {"tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
+            "step_time_s": sum(r["step_time_s"] for r in steady) / len(steady),
+            "mfu": sum(mfus) / len(mfus) if mfus else None,
+            "peak_memory_gib": max(r["peak_memory_gib"] for r in history),
+            "windows": len(steady)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+def describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device):
+    tokens = args.batch_size * args.gradient_accumulation_steps * layout.dp * args.seq_length
+    return "\n".join([
+        f"versions: python {platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
+        f"transformers {transformers.__version__}, datasets {datasets.__version__}",
+        f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU, gloo'})",
+        f"layout: world {layout.world_size} = tp {layout.tp} x dp {layout.dp}; TP groups "
+        f"{[list(range(d * layout.tp, (d + 1) * layout.tp)) for d in range(layout.dp)]}, DP groups "
+        f"{[list(range(t, layout.world_size, layout.tp)) for t in range(layout.tp)]}",
+        f"model: {args.model_name}, {n_params / 1e6:,.1f}M parameters ({n_non_embedding / 1e6:,.1f}M non-embedding), "
+        f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads, "
+        f"{args.precision}",
+        f"batch: {args.batch_size} per rank x {args.gradient_accumulation_steps} accumulation x {layout.dp} DP = "
+        f"{args.batch_size * args.gradient_accumulation_steps * layout.dp} sequences of {args.seq_length} = "
+        f"{tokens:,} tokens per step, {args.num_steps} steps",
+        "deepspeed config: " + json.dumps(ds_config),
+    ])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.model_name = args.model_name or default_model_name()
+    check_args(args)
+    layout = resolve_layout(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                            args.tp_size, args.dp_size)
+    args.tp_size, args.dp_size = layout.tp, layout.dp
+    args.warmup_steps = args.num_steps // 10 if args.warmup_steps is None else args.warmup_steps
+    config = load_config(args)
+    check_model_fits_tp(config, layout.tp, args.seq_length)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
+    if layout.rank == 0 and layout.tp > local_world:
+        print(f"warning: tp={layout.tp} spans more than one node ({local_world} ranks per node): "
+              "TP traffic will cross the network", flush=True)
+    if args.precision == "bf16" and args.zero_stage == 0 and layout.rank == 0:
+        print("warning: bf16 with ZeRO-0 keeps no fp32 master weights; use --zero_stage 1 or 2", flush=True)
+
+    device = init_distributed(args.local_rank)
+    tokenizer, blocks = run_local_main_first(lambda: prepare_data(args), args.local_rank)
+    if len(tokenizer) > config.vocab_size:
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens, the model only {config.vocab_size} embeddings")
+    check_data_size(blocks, layout, args)
+
+    layer_specs = gpt_neox_layer_specs()
+    with torch.device("meta"):  # shapes and names only: checks the specs before any weight is loaded
+        plan = plan_partition(AutoModelForCausalLM.from_config(config), layer_specs, layout.tp)
+    model = build_model(args, config, DTYPES[args.precision])
+    n_params, n_non_embedding = sum(p.numel() for p in model.parameters()), non_embedding_params(model)
+    flops_per_token = 6 * n_non_embedding + 12 * config.num_hidden_layers * config.hidden_size * args.seq_length
+    ds_config = build_ds_config(args, layer_specs)
+    if layout.rank == 0:
+        print(describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device), flush=True)
+        print(partition_summary(plan, layer_specs, layout.tp), flush=True)
+
+    engine = build_engine(model, args, layout, layer_specs)
+    check_partition(engine.module, plan, layer_specs)
+    history, evals = train(engine, blocks, layout, args, device, flops_per_token)
+
+    results = {"args": vars(args), "layout": asdict(layout) | {"tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank},
+               "model": {"parameters": n_params, "non_embedding_parameters": n_non_embedding,
+                         "flops_per_token": flops_per_token},
+               "train": history, "eval": evals, "throughput": throughput_summary(history),
+               "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                            "transformers": transformers.__version__, "datasets": datasets.__version__}}
+    if layout.rank == 0:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"wrote {Path(args.output_dir) / 'results.json'}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as exc:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
