@@ -406,6 +406,9 @@ def load_text(args):
             raise UsageError(f"the {name} data has no column {args.text_column!r} (it has "
                              f"{', '.join(split.column_names)}): set --text_column")
     if validation is None:
+        if len(train) < 2:
+            raise UsageError(f"the training data has {len(train)} document(s), too few to hold some out for "
+                             "evaluation: give --validation_file or more documents")
         held_out = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
         train, validation = held_out["train"], held_out["test"]
     columns = [args.text_column]
@@ -573,8 +576,8 @@ def warmup_cosine(args):
         optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=max(args.num_steps, 1))
 
 
-def build_engine(model, args, layout, layer_specs, optimizer=None):
-    engine, _, _, _ = deepspeed.initialize(model=model, config=build_ds_config(args, layer_specs),
+def build_engine(model, args, layout, ds_config, optimizer=None):
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            optimizer=optimizer or adamw(args),
                                            lr_scheduler=warmup_cosine(args), mpu=BatchSizeMPU(layout))
     check_groups(layout)
@@ -748,7 +751,7 @@ def main(argv=None):
         print(describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device), flush=True)
         print(partition_summary(plan, layer_specs, layout.tp), flush=True)
 
-    engine = build_engine(model, args, layout, layer_specs)
+    engine = build_engine(model, args, layout, ds_config)
     check_partition(engine.module, plan, layer_specs)
     history, evals = train(engine, blocks, layout, args, device, flops_per_token)
 
@@ -771,6 +774,8 @@ if __name__ == "__main__":
     except UsageError as exc:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.barrier()  # every rank raised the same error: leave together, once rank 0 has said why
         sys.exit(2)
     finally:
         if dist.is_initialized():

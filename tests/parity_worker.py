@@ -1,0 +1,146 @@
+"""One process of the parity test (tests/test_parity.py launches it with torchrun; not a test itself).
+
+Every rank builds the same tiny GPT-NeoX (fp32, same seed) twice: once to shard through the script's
+own build_engine, once as the unsharded reference, trained with plain PyTorch on the union of the
+batches that all DP ranks see. Rank 0 writes the measured differences as JSON to argv[1]; the test
+decides what passes.
+
+usage: torchrun --standalone --nproc_per_node N tests/parity_worker.py OUT.json --tp_size T --dp_size D ...
+"""
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import autotp_custom_patterns as S  # noqa: E402
+
+STEPS = 10
+
+
+def random_blocks(n, seq_length, vocab, seed):
+    """Random tokens from a small part of the vocabulary, so the loss has somewhere to fall."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, min(vocab, 64), (n, seq_length), generator=g)
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
+
+
+def reference_batches(dataset, layout, args):
+    """The global batch of each step, in the order the DP ranks' samplers hand it out."""
+    per_rank = [S.train_batches(dataset, S.Layout(d * layout.tp, layout.world_size, layout.tp, layout.dp),
+                                args, torch.device("cpu")) for d in range(layout.dp)]
+    while True:
+        yield torch.cat([next(it) for _ in range(args.gradient_accumulation_steps) for it in per_rank])
+
+
+def clip_in_fp64(model, max_norm):
+    """Global gradient norm summed in float64 (torch's fp32 clip_grad_norm_ on CPU was off by 2e-5
+    relative here), then clipped the way DeepSpeed and torch do: scale by max_norm / (norm + 1e-6)."""
+    grads = [p.grad for p in model.parameters()]
+    norm = sum(g.double().pow(2).sum() for g in grads).sqrt().item()
+    if max_norm > 0 and norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+def upstream_shape_specs(config):
+    """The fused-QKV spec from the upstream example: treats the rows as [Q; K; V] blocks."""
+    specs = S.gpt_neox_layer_specs()
+    h = config.hidden_size
+    specs[0] = dict(specs[0], shape=[[h, h, h], -1], partition_dim=0)
+    return specs
+
+
+def step0_logits_diff(engine, reference, input_ids):
+    with torch.no_grad():
+        return (engine(input_ids=input_ids).logits - reference(input_ids=input_ids).logits).abs().max().item()
+
+
+def qkv_heads_held(engine, reference, config, layout):
+    """Which (head, role) rows of layer 0's fused QKV this rank holds, found by matching its local rows
+    against the unsharded weight. HF's layout: row i is head i // (3*hs), role (i // hs) % 3."""
+    local = engine.module.gpt_neox.layers[0].attention.query_key_value.weight.detach()
+    full = reference.gpt_neox.layers[0].attention.query_key_value.weight.detach()
+    hs = config.hidden_size // config.num_attention_heads
+    rows = [int((full == row).all(dim=1).nonzero()[0]) for row in local]
+    return sorted({(i // (3 * hs), (i // hs) % 3) for i in rows})
+
+
+def run(args, layout, config, specs, optimizer_factory, reference_optimizer, dataset):
+    model = S.build_model(args, config, torch.float32)
+    reference = copy.deepcopy(model)
+    ds_config = S.build_ds_config(args, specs)
+    ds_config["zero_allow_untested_optimizer"] = True  # ZeRO asks for this with SGD
+    engine = S.build_engine(model, args, layout, ds_config, optimizer=optimizer_factory)
+    probe = next(iter(dataset.iter(batch_size=2)))["input_ids"]
+    result = {"step0_logits_max_diff": step0_logits_diff(engine, reference, probe)}
+    if optimizer_factory is None:
+        return result
+    held = [None] * layout.world_size
+    dist.all_gather_object(held, qkv_heads_held(engine, reference, config, layout))
+    result["qkv_rows_held_by_rank"] = held
+
+    opt = reference_optimizer(reference.parameters())
+    sched = S.warmup_cosine(args)(opt)
+    batches, ref_batches = S.train_batches(dataset, layout, args, torch.device("cpu")), reference_batches(dataset, layout, args)
+    result.update(losses=[], reference_losses=[], grad_norms=[], reference_grad_norms=[])
+    for _ in range(STEPS):
+        result["losses"].append(S.dp_mean(S.train_step(engine, batches), layout))
+        norm = engine.get_global_grad_norm()
+        result["grad_norms"].append(None if norm is None else float(norm))
+        input_ids = next(ref_batches)
+        loss = reference(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        result["reference_grad_norms"].append(clip_in_fp64(reference, args.max_grad_norm))
+        opt.step(), sched.step(), opt.zero_grad()
+        result["reference_losses"].append(loss.item())
+
+    full = dict(reference.named_parameters())
+    identical, max_weight_diff = True, 0.0
+    for name, p in engine.module.named_parameters():
+        gathered = [torch.empty_like(p) for _ in range(layout.tp)]
+        dist.all_gather(gathered, p.detach().contiguous(), group=S.groups.get_tensor_model_parallel_group())
+        if p.shape == full[name].shape:  # replicated: identical on every TP rank, equal to the reference
+            identical &= all(torch.equal(gathered[0], g) for g in gathered)
+            max_weight_diff = max(max_weight_diff, (p - full[name]).abs().max().item())
+        else:  # sharded: the TP ranks' pieces, put back together, equal the reference
+            dim = 0 if p.shape[0] != full[name].shape[0] else 1
+            max_weight_diff = max(max_weight_diff, (torch.cat(gathered, dim) - full[name]).abs().max().item())
+    flag = torch.tensor(float(identical))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    result.update(replicated_identical=bool(flag.item()), final_weights_max_diff=max_weight_diff)
+    return result
+
+
+def main():
+    out_path = sys.argv[1]
+    args = S.parse_args(["--model_name", "builtin:tiny", "--precision", "fp32", "--seq_length", "32",
+                         "--num_steps", str(STEPS), "--warmup_steps", "2",
+                         "--learning_rate", "1e-2"] + sys.argv[2:])
+    layout = S.resolve_layout(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.tp_size, args.dp_size)
+    args.tp_size, args.dp_size = layout.tp, layout.dp
+    S.init_distributed(int(os.environ["LOCAL_RANK"]))
+    config = S.load_config(args)
+    dataset = random_blocks(64, args.seq_length, config.vocab_size, seed=1)
+    specs = S.gpt_neox_layer_specs()
+
+    sgd_args = copy.copy(args)
+    sgd_args.max_grad_norm, sgd_args.learning_rate = 0.0, 0.5  # no clipping: it would hide a gradient-scale error
+    sgd = lambda params: torch.optim.SGD(params, lr=sgd_args.learning_rate)  # noqa: E731
+    results = {
+        "adamw": run(args, layout, config, specs, S.adamw(args), S.adamw(args), dataset),
+        "sgd": run(sgd_args, layout, config, specs, sgd, sgd, dataset),
+        "upstream_shape_spec": run(args, layout, config, upstream_shape_specs(config), None, None, dataset),
+    }
+    if layout.rank == 0:
+        Path(out_path).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The real script, end to end, on CPU: launched with torchrun and with the deepspeed launcher, judged
+on the results.json it writes; and each bad input ending in a one-line error, exit code 2, no hang.
+
+Run: python -m pytest tests/test_script.py -q   (about a minute and a half on 2 cores)
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_parity import ROOT, torchrun
+
+SCRIPT = ROOT / "autotp_custom_patterns.py"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One tokenizer/dataset cache for the module: later launches reuse what the first one built."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["HF_DATASETS_CACHE"] = str(path / "datasets")
+    return path
+
+
+def run_script(nproc, out, cache, *args):
+    proc = torchrun(nproc, SCRIPT, "--output_dir", out, "--cache_dir", cache, *args)
+    return proc, (json.loads((Path(out) / "results.json").read_text()) if proc.returncode == 0 else None)
+
+
+def test_trains_tp2_dp2_on_the_embedded_corpus(tmp_path, cache):
+    proc, results = run_script(4, tmp_path, cache, "--tp_size", "2", "--dp_size", "2", "--precision", "fp32",
+                               "--seq_length", "128", "--num_steps", "30", "--learning_rate", "3e-3",
+                               "--log_interval", "5", "--eval_interval", "15")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [r["loss"] for r in results["train"]]
+    assert [r["step"] for r in results["train"]] == [5, 10, 15, 20, 25, 30]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 1.0, losses
+    assert set(results["train"][0]) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
+    assert [e["step"] for e in results["eval"]] == [15, 30]
+    assert results["eval"][-1]["loss"] < results["eval"][0]["loss"]
+    assert math.isclose(results["eval"][-1]["perplexity"], math.exp(results["eval"][-1]["loss"]), rel_tol=1e-9)
+    assert {k: results["layout"][k] for k in ("world_size", "tp", "dp")} == {"world_size": 4, "tp": 2, "dp": 2}
+    assert results["args"]["zero_stage"] == 2 and results["throughput"]["tokens_per_s"] > 0
+    assert "AutoTP partition (tp=2)" in proc.stdout and "TP groups [[0, 1], [2, 3]]" in proc.stdout
+
+
+def test_deepspeed_launcher_with_text_files_and_eval_only(tmp_path, cache):
+    """The launch form of the docs (deepspeed --num_gpus N, which passes --local_rank), on files."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    paragraphs = [" ".join(words[(i + j) % len(words)] for j in range(40)) for i in range(200)]
+    (tmp_path / "train.txt").write_text("\n\n".join(paragraphs))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs[:20]))
+    common = ["--train_file", tmp_path / "train.txt", "--validation_file", tmp_path / "val.jsonl",
+              "--cache_dir", cache, "--tp_size", "2", "--seq_length", "64", "--output_dir", tmp_path / "out"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = Path(sys.executable).with_name("deepspeed")
+    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", "29611", SCRIPT, *map(str, common),
+                           "--num_steps", "10", "--learning_rate", "3e-3"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trained = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert trained["train"][-1]["loss"] < trained["train"][0]["loss"]
+    assert trained["layout"]["tp"] == 2 and trained["layout"]["dp"] == 1
+
+    proc, evaluated = run_script(2, tmp_path / "eval", cache, *common[:-2], "--num_steps", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert evaluated["train"] == [] and len(evaluated["eval"]) == 1 and evaluated["eval"][0]["step"] == 0
+    assert math.isfinite(evaluated["eval"][0]["loss"])
+
+
+def error_line(proc):
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("nproc,args,message", [
+    (2, ["--tp_size", "2", "--dp_size", "2"], "--tp_size x --dp_size must equal the number of processes (2)"),
+    (3, ["--tp_size", "3"], "--tp_size 3 must divide the 4 attention heads"),
+    (2, ["--seq_length", "4096"], "--seq_length 4096 exceeds the model's maximum of 2048 positions"),
+    (2, ["--model_name", "builtin:gpt5"], "unknown built-in model 'gpt5'"),
+    (2, ["--num_steps", "-3"], "--num_steps must be zero or positive"),
+    (2, ["--train_file", "missing.txt"], "--train_file missing.txt does not exist"),
+])
+def test_bad_input_fails_fast_on_every_rank(tmp_path, cache, nproc, args, message):
+    proc, _ = run_script(nproc, tmp_path, cache, *args)
+    assert message in error_line(proc)
+    assert "deepspeed.initialize" not in proc.stdout and "AutoTP partition" not in proc.stdout
+
+
+def test_mlp_width_not_divisible_by_tp(tmp_path, cache):
+    from transformers import GPTNeoXConfig
+    GPTNeoXConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=99,
+                  vocab_size=512).save_pretrained(tmp_path / "odd")
+    proc, _ = run_script(2, tmp_path, cache, "--model_name", tmp_path / "odd", "--random_init")
+    assert "--tp_size 2 must divide the MLP width 99" in error_line(proc)
+
+
+def test_data_problems_found_after_tokenizing_stop_every_rank(tmp_path, cache):
+    (tmp_path / "tiny.txt").write_text("far too little text\n\nfor one batch\n\nof 256 tokens")
+    proc, _ = run_script(2, tmp_path, cache, "--train_file", tmp_path / "tiny.txt", "--seq_length", "256")
+    assert "cannot fill one global batch" in error_line(proc)
+    (tmp_path / "one.txt").write_text("a single paragraph")
+    proc, _ = run_script(2, tmp_path, cache, "--train_file", tmp_path / "one.txt")
+    assert "too few to hold some out" in error_line(proc)
+    (tmp_path / "val.jsonl").write_text('{"body": "no text column here"}\n')
+    proc, _ = run_script(2, tmp_path, cache, "--validation_file", tmp_path / "val.jsonl")
+    assert "has no column 'text'" in error_line(proc)

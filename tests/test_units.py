@@ -1,0 +1,234 @@
+"""Pure tests, no process group: topology, layer specs (on a labelled fused-QKV weight), the sampler
+contract, packing, argument checks and the DeepSpeed config. Seconds on a laptop.
+
+Run: python -m pytest tests/test_units.py -q
+"""
+import itertools
+
+import datasets
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import autotp_custom_patterns as S
+
+
+def args_for(*argv):
+    args = S.parse_args(list(argv))
+    args.model_name = args.model_name or "builtin:tiny"
+    return args
+
+
+# ---- topology -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world,tp", [(1, 1), (2, 2), (4, 2), (8, 4), (8, 1), (8, 8)])
+def test_layout_matches_deepspeeds_grid(world, tp):
+    layouts = [S.resolve_layout(rank, world, tp=tp) for rank in range(world)]
+    dp = world // tp
+    tp_groups = [[l.rank for l in layouts if l.dp_rank == d] for d in range(dp)]
+    dp_groups = [[l.rank for l in layouts if l.tp_rank == t] for t in range(tp)]
+    assert tp_groups == [list(range(d * tp, (d + 1) * tp)) for d in range(dp)]  # consecutive ranks
+    assert dp_groups == [list(range(t, world, tp)) for t in range(tp)]  # strided by tp
+    assert all(l.dp == dp and l.tp == tp for l in layouts)
+
+
+def test_layout_fills_in_the_missing_size():
+    assert (S.resolve_layout(0, 8).tp, S.resolve_layout(0, 8).dp) == (8, 1)
+    assert S.resolve_layout(0, 8, tp=4).dp == 2
+    assert S.resolve_layout(0, 8, dp=4).tp == 2
+
+
+@pytest.mark.parametrize("world,tp,dp", [(4, 2, 1), (4, 3, None), (6, None, 4), (2, 4, 2)])
+def test_layout_rejects_sizes_that_do_not_fill_the_world(world, tp, dp):
+    with pytest.raises(S.UsageError, match=r"--tp_size x --dp_size must equal the number of processes"):
+        S.resolve_layout(0, world, tp, dp)
+
+
+def test_model_checks_name_the_flag():
+    config = S.load_config(args_for("--model_name", "builtin:tiny"))  # 4 heads, MLP 256, 2048 positions
+    S.check_model_fits_tp(config, 4, 2048)
+    with pytest.raises(S.UsageError, match="--tp_size 3 must divide the 4 attention heads"):
+        S.check_model_fits_tp(config, 3, 128)
+    config.intermediate_size = 250
+    with pytest.raises(S.UsageError, match="--tp_size 4 must divide the MLP width 250"):
+        S.check_model_fits_tp(config, 4, 128)
+    with pytest.raises(S.UsageError, match="--seq_length 4096 exceeds the model's maximum of 2048"):
+        S.check_model_fits_tp(S.load_config(args_for("--model_name", "builtin:tiny")), 1, 4096)
+
+
+# ---- partition specs ----------------------------------------------------------------------------
+
+def labelled_qkv(heads, head_size):
+    """GPT-NeoX's fused QKV rows as (head, role) labels: the model views the projection's output as
+    (..., heads, 3 * head_size) and chunks the last axis into q, k, v, so row i belongs to head
+    i // (3 * head_size) and role (i // head_size) % 3 (0 = q, 1 = k, 2 = v)."""
+    rows = torch.arange(3 * heads * head_size)
+    return torch.stack([rows // (3 * head_size), (rows // head_size) % 3], dim=1)
+
+
+def rows_for_rank(weight, spec, tp, rank):
+    """AutoTP's column split along dim 0: without `shape`, contiguous equal slices; with a nested
+    `shape` ((a, b, c), -1), each sub-block is sliced and the slices are concatenated. (The parity
+    test checks the same thing on DeepSpeed's real shards.)"""
+    if "shape" not in spec:
+        return weight.chunk(tp, dim=0)[rank]
+    blocks = weight.split(list(spec["shape"][0]), dim=0)
+    return torch.cat([b.chunk(tp, dim=0)[rank] for b in blocks])
+
+
+@pytest.mark.parametrize("heads,tp", [(4, 2), (8, 4), (32, 4), (32, 8)])
+def test_qkv_spec_gives_each_rank_its_own_whole_heads(heads, tp):
+    head_size = 8
+    weight = labelled_qkv(heads, head_size)
+    spec = S.gpt_neox_layer_specs()[0]
+    assert spec["patterns"] == [r".*\.attention\.query_key_value\.weight$"] and "shape" not in spec
+    per_rank = heads // tp
+    for rank in range(tp):
+        held = {tuple(row.tolist()) for row in rows_for_rank(weight, spec, tp, rank)}
+        assert held == {(h, role) for h in range(rank * per_rank, (rank + 1) * per_rank) for role in range(3)}
+
+
+def test_upstream_shape_spec_mixes_heads_across_roles():
+    """The trap the comment in gpt_neox_layer_specs warns about: [Q; K; V] blocks are not this layout."""
+    heads, head_size, tp = 4, 8, 2
+    hidden = heads * head_size
+    weight = labelled_qkv(heads, head_size)
+    spec = dict(S.gpt_neox_layer_specs()[0], shape=((hidden, hidden, hidden), -1), partition_dim=0)
+    held = {tuple(row.tolist()) for row in rows_for_rank(weight, spec, tp, 0)}
+    heads_held = {h for h, _ in held}
+    assert not all({(h, r) for r in range(3)} <= held for h in heads_held)  # no head arrives whole
+
+
+def meta_model(name="builtin:tiny"):
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(S.load_config(args_for("--model_name", name)))
+
+
+@pytest.mark.parametrize("name,tp", [("builtin:tiny", 2), ("builtin:tiny", 4), ("builtin:pythia-6.9b", 4)])
+def test_plan_shards_every_block_linear(name, tp):
+    model = meta_model(name)
+    specs = S.gpt_neox_layer_specs()
+    plan = S.plan_partition(model, specs, tp)
+    config = model.config
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    expected = {"attention.query_key_value.weight": (3 * h // tp, h), "attention.query_key_value.bias": (3 * h // tp,),
+                "attention.dense.weight": (h, h // tp), "attention.dense.bias": (h,),
+                "mlp.dense_h_to_4h.weight": (inter // tp, h), "mlp.dense_h_to_4h.bias": (inter // tp,),
+                "mlp.dense_4h_to_h.weight": (h, inter // tp), "mlp.dense_4h_to_h.bias": (h,)}
+    for layer, (suffix, shape) in itertools.product(range(layers), expected.items()):
+        assert plan[f"gpt_neox.layers.{layer}.{suffix}"][2] == shape
+    assert plan["lm_head.weight"][0] is None  # the output head stays replicated
+    assert len(plan) == layers * len(expected) + 1
+
+
+def test_a_spec_that_matches_nothing_is_an_error():
+    specs = S.gpt_neox_layer_specs()
+    specs[1] = dict(specs[1], patterns=[r".*\.attention\.dence\.weight$"])
+    with pytest.raises(S.UsageError, match=r"layer spec 1 .*dence.* matches no Linear weight"):
+        S.plan_partition(meta_model(), specs, 2)
+
+
+def test_a_block_linear_left_unsharded_is_an_error():
+    specs = S.gpt_neox_layer_specs()[:3]
+    with pytest.raises(S.UsageError, match=r"no layer spec covers gpt_neox.layers.0.mlp.dense_4h_to_h"):
+        S.plan_partition(meta_model(), specs, 2)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,dp,tp", [(103, 3, 2), (64, 2, 4), (10, 1, 1)])
+def test_sampler_contract(n, dp, tp):
+    dataset = list(range(n))
+    world = dp * tp
+    layouts = [S.resolve_layout(rank, world, tp=tp) for rank in range(world)]
+
+    def order(layout, epoch, seed=7):
+        sampler = S.make_sampler(dataset, layout, seed)
+        sampler.set_epoch(epoch)
+        items = list(sampler)
+        assert len(items) == len(sampler)  # len() is what it yields
+        return items
+
+    for epoch in (0, 1):
+        orders = {l.rank: order(l, epoch) for l in layouts}
+        for l in layouts:  # a rank reads exactly what the first rank of its TP group reads
+            assert orders[l.rank] == orders[l.dp_rank * tp]
+        shards = [set(orders[d * tp]) for d in range(dp)]
+        assert all(len(orders[d * tp]) == n // dp for d in range(dp))  # equal length, remainder dropped
+        assert sum(len(s) for s in shards) == len(set().union(*shards))  # disjoint
+    first = order(layouts[0], 0)
+    assert first == order(layouts[0], 0)  # deterministic for (seed, epoch)
+    if n > 20:
+        assert first != order(layouts[0], 1)  # reshuffled each epoch
+        assert first != order(layouts[0], 0, seed=8)
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    text = datasets.Dataset.from_dict({"text": ["the quick brown fox jumps over the lazy dog " * 20,
+                                                "pack these documents into blocks of tokens " * 20]})
+    return S.train_bpe_tokenizer(text, "text", 300, tmp_path_factory.mktemp("tok"))
+
+
+def test_bpe_tokenizer_is_deterministic_and_cached(small_tokenizer, tmp_path):
+    text = datasets.Dataset.from_dict({"text": ["the quick brown fox jumps over the lazy dog " * 20,
+                                                "pack these documents into blocks of tokens " * 20]})
+    again = S.train_bpe_tokenizer(text, "text", 300, tmp_path)
+    sample = "the lazy fox packs blocks"
+    assert again(sample)["input_ids"] == small_tokenizer(sample)["input_ids"]
+    assert small_tokenizer.decode(small_tokenizer(sample)["input_ids"]) == sample
+    assert small_tokenizer.eos_token == "<|endoftext|>" and len(small_tokenizer) <= 300
+
+
+def test_packing_joins_documents_with_eos_into_full_blocks(small_tokenizer):
+    docs = [f"document {i}: " + "the quick brown fox " * (i + 1) for i in range(30)]
+    raw = datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": docs}))
+    seq = 16
+    blocks = S.pack_into_blocks(raw, small_tokenizer, seq, "text")["train"]["input_ids"]
+    eos = small_tokenizer.eos_token_id
+    stream = [t for d in docs for t in small_tokenizer(d, add_special_tokens=False)["input_ids"] + [eos]]
+    assert all(len(b) == seq for b in blocks)
+    assert [t for b in blocks for t in b] == stream[:len(stream) // seq * seq]  # in order, nothing padded
+
+
+# ---- arguments and config -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--seq_length", "-5"], "--seq_length must be positive"),
+    (["--num_steps", "-1"], "--num_steps must be zero or positive"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be positive"),
+    (["--tp_size", "0"], "--tp_size must be positive"),
+    (["--dp_size", "-2"], "--dp_size must be positive"),
+    (["--learning_rate", "0"], "--learning_rate must be positive"),
+    (["--model_name", "builtin:pythia-7b"], "unknown built-in model 'pythia-7b'"),
+    (["--train_file", "/nonexistent/train.txt"], "--train_file /nonexistent/train.txt does not exist"),
+    (["--train_file", "notes.docx"], "use one of .txt"),
+    (["--dataset_name", "wikitext", "--train_file", "a.txt"], "either --dataset_name or --train_file"),
+])
+def test_bad_arguments_name_what_to_change(argv, message):
+    with pytest.raises(S.UsageError, match=message):
+        S.check_args(args_for(*argv))
+
+
+def test_empty_files_are_rejected(tmp_path):
+    (tmp_path / "train.txt").write_text("")
+    (tmp_path / "val.jsonl").write_text("")
+    with pytest.raises(S.UsageError, match="--train_file .*train.txt is empty"):
+        S.check_args(args_for("--train_file", str(tmp_path / "train.txt")))
+    with pytest.raises(S.UsageError, match="--validation_file .*val.jsonl is empty"):
+        S.check_args(args_for("--validation_file", str(tmp_path / "val.jsonl")))
+
+
+def test_ds_config_turns_on_autotp_from_the_config_alone():
+    args = args_for("--tp_size", "4", "--zero_stage", "1", "--batch_size", "3", "--gradient_accumulation_steps", "2",
+                    "--max_grad_norm", "0.5", "--precision", "fp16")
+    config = S.build_ds_config(args, S.gpt_neox_layer_specs())
+    assert config["tensor_parallel"] == {"autotp_size": 4, "partition_config": {
+        "use_default_specs": False, "layer_specs": S.gpt_neox_layer_specs()}}
+    assert config["zero_optimization"] == {"stage": 1}
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (3, 2)
+    assert "train_batch_size" not in config  # DeepSpeed derives it, using the DP size from BatchSizeMPU
+    assert config["gradient_clipping"] == 0.5
+    assert config["fp16"]["enabled"] and not config["bf16"]["enabled"]
+    assert S.parse_args([]).zero_stage == 2  # ZeRO-2 by default
