@@ -30,10 +30,10 @@ def random_blocks(n, seq_length, vocab, seed):
     return datasets.Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
 
 
-def reference_batches(dataset, layout, args):
+def reference_batches(dataset, layout, args, device):
     """The global batch of each step, in the order the DP ranks' samplers hand it out."""
     per_rank = [S.train_batches(dataset, S.Layout(d * layout.tp, layout.world_size, layout.tp, layout.dp),
-                                args, torch.device("cpu")) for d in range(layout.dp)]
+                                args, device) for d in range(layout.dp)]
     while True:
         yield torch.cat([next(it) for _ in range(args.gradient_accumulation_steps) for it in per_rank])
 
@@ -72,13 +72,13 @@ def qkv_heads_held(engine, reference, config, layout):
     return sorted({(i // (3 * hs), (i // hs) % 3) for i in rows})
 
 
-def run(args, layout, config, specs, optimizer_factory, reference_optimizer, dataset):
-    model = S.build_model(args, config, torch.float32)
-    reference = copy.deepcopy(model)
+def run(args, layout, config, specs, optimizer_factory, reference_optimizer, dataset, device):
+    model = S.build_model(args, config, S.DTYPES[args.precision])
+    reference = copy.deepcopy(model).to(device)
     ds_config = S.build_ds_config(args, specs)
     ds_config["zero_allow_untested_optimizer"] = True  # ZeRO asks for this with SGD
     engine = S.build_engine(model, args, layout, ds_config, optimizer=optimizer_factory)
-    probe = next(iter(dataset.iter(batch_size=2)))["input_ids"]
+    probe = next(iter(dataset.iter(batch_size=2)))["input_ids"].to(device)
     result = {"step0_logits_max_diff": step0_logits_diff(engine, reference, probe)}
     if optimizer_factory is None:
         return result
@@ -88,7 +88,7 @@ def run(args, layout, config, specs, optimizer_factory, reference_optimizer, dat
 
     opt = reference_optimizer(reference.parameters())
     sched = S.warmup_cosine(args)(opt)
-    batches, ref_batches = S.train_batches(dataset, layout, args, torch.device("cpu")), reference_batches(dataset, layout, args)
+    batches, ref_batches = S.train_batches(dataset, layout, args, device), reference_batches(dataset, layout, args, device)
     result.update(losses=[], reference_losses=[], grad_norms=[], reference_grad_norms=[])
     for _ in range(STEPS):
         result["losses"].append(S.dp_mean(S.train_step(engine, batches), layout))
@@ -112,7 +112,7 @@ def run(args, layout, config, specs, optimizer_factory, reference_optimizer, dat
         else:  # sharded: the TP ranks' pieces, put back together, equal the reference
             dim = 0 if p.shape[0] != full[name].shape[0] else 1
             max_weight_diff = max(max_weight_diff, (torch.cat(gathered, dim) - full[name]).abs().max().item())
-    flag = torch.tensor(float(identical))
+    flag = torch.tensor(float(identical), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     result.update(replicated_identical=bool(flag.item()), final_weights_max_diff=max_weight_diff)
     return result
@@ -125,7 +125,8 @@ def main():
                          "--learning_rate", "1e-2"] + sys.argv[2:])
     layout = S.resolve_layout(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.tp_size, args.dp_size)
     args.tp_size, args.dp_size = layout.tp, layout.dp
-    S.init_distributed(int(os.environ["LOCAL_RANK"]))
+    device = S.init_distributed(int(os.environ["LOCAL_RANK"]))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on GPUs too
     config = S.load_config(args)
     dataset = random_blocks(64, args.seq_length, config.vocab_size, seed=1)
     specs = S.gpt_neox_layer_specs()
@@ -134,9 +135,9 @@ def main():
     sgd_args.max_grad_norm, sgd_args.learning_rate = 0.0, 0.5  # no clipping: it would hide a gradient-scale error
     sgd = lambda params: torch.optim.SGD(params, lr=sgd_args.learning_rate)  # noqa: E731
     results = {
-        "adamw": run(args, layout, config, specs, S.adamw(args), S.adamw(args), dataset),
-        "sgd": run(sgd_args, layout, config, specs, sgd, sgd, dataset),
-        "upstream_shape_spec": run(args, layout, config, upstream_shape_specs(config), None, None, dataset),
+        "adamw": run(args, layout, config, specs, S.adamw(args), S.adamw(args), dataset, device),
+        "sgd": run(sgd_args, layout, config, specs, sgd, sgd, dataset, device),
+        "upstream_shape_spec": run(args, layout, config, upstream_shape_specs(config), None, None, dataset, device),
     }
     if layout.rank == 0:
         Path(out_path).write_text(json.dumps(results, indent=1))
