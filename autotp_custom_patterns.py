@@ -139,13 +139,12 @@ def check_args(args):
     for name in ("batch_size", "gradient_accumulation_steps", "seq_length", "log_interval"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("num_steps", "eval_interval", "weight_decay", "max_grad_norm"):
-        if getattr(args, name) < 0:
+    for name in ("num_steps", "eval_interval", "weight_decay", "max_grad_norm", "warmup_steps"):
+        if (getattr(args, name) or 0) < 0:
             raise UsageError(f"--{name} must be zero or positive, got {getattr(args, name)}")
-    for name in ("tp_size", "dp_size", "warmup_steps", "preprocessing_num_workers"):
-        value = getattr(args, name)
-        if value is not None and value <= 0 and not (name == "warmup_steps" and value == 0):
-            raise UsageError(f"--{name} must be positive, got {value}")
+    for name in ("tp_size", "dp_size", "preprocessing_num_workers"):  # None: derived or default
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.learning_rate <= 0:
         raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
     if not 0 < args.validation_split_percentage < 100:
@@ -232,7 +231,7 @@ def plan_partition(model, specs, tp):
     return plan
 
 
-def check_partition(model, plan, specs):
+def check_partition(model, plan):
     """After deepspeed.initialize: every planned parameter has its expected local shape."""
     local = {name: tuple(p.shape) for name, p in model.named_parameters()}
     for name, (_, global_shape, expected) in plan.items():
@@ -641,44 +640,60 @@ def peak_memory_gib(device):
 
 
 def train(engine, blocks, layout, args, device, flops_per_token):
-    """The loop. Returns the per-log-step records and the evaluations."""
+    """The loop. Returns one record per logged step and the evaluations."""
     batches = train_batches(blocks["train"], layout, args, device)
     tokens_per_step = args.batch_size * args.gradient_accumulation_steps * layout.dp * args.seq_length
     peak = peak_flops(args, device)
     history, evals = [], []
-    log = (lambda msg: tqdm.write(msg)) if layout.rank == 0 else (lambda msg: None)
     bar = tqdm(total=args.num_steps, unit="step", disable=None if layout.rank == 0 else True)
     window_start, window_steps = time.perf_counter(), 0
     for step in range(1, args.num_steps + 1):
-        lr = engine.get_lr()[0]
+        lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside engine.step
         loss = train_step(engine, batches)
         window_steps += 1
         bar.update()
         if step % args.log_interval == 0 or step == args.num_steps:
-            loss = dp_mean(loss, layout)  # the sync point: all queued GPU work finishes here
+            loss = dp_mean(loss, layout)  # the host sync: all queued accelerator work finishes here
             elapsed = time.perf_counter() - window_start
             tokens_per_s = tokens_per_step * window_steps / elapsed
-            mfu = flops_per_token * tokens_per_s / (peak * layout.world_size) if peak else None
             grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else None
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed / window_steps,
-                      "tokens_per_s": tokens_per_s, "mfu": mfu, "peak_memory_gib": peak_memory_gib(device)}
-            history.append(record)
+            history.append({"step": step, "loss": loss, "lr": lr,
+                            "grad_norm": None if grad_norm is None else float(grad_norm),
+                            "step_time_s": elapsed / window_steps, "tokens_per_s": tokens_per_s,
+                            "mfu": flops_per_token * tokens_per_s / (peak * layout.world_size) if peak else None,
+                            "peak_memory_gib": peak_memory_gib(device)})
             if not math.isfinite(loss):
-                raise RuntimeError(f"loss is {loss} at step {step}")
-            log(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm or float('nan'):.3f} | "
-                f"{1000 * elapsed / window_steps:.0f} ms/step | {tokens_per_s:,.0f} tok/s | "
-                f"MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | peak mem {record['peak_memory_gib']:.2f} GiB")
+                raise RuntimeError(f"the loss is {loss} at step {step}")
+            log(layout, format_record(history[-1]))
             bar.set_postfix(loss=f"{loss:.3f}")
             window_start, window_steps = time.perf_counter(), 0
-        if args.eval_interval and step % args.eval_interval == 0 and step != args.num_steps:
-            evals.append({"step": step, **evaluate(engine, blocks["validation"], layout, args, device)})
-            log(f"eval  {step:5d} | loss {evals[-1]['loss']:.4f} | perplexity {evals[-1]['perplexity']:.2f}")
-            window_start = time.perf_counter()  # keep evaluation out of the throughput
+        if step == args.num_steps or (args.eval_interval and step % args.eval_interval == 0):
+            eval_start = time.perf_counter()
+            evals.append(evaluate_and_log(engine, blocks["validation"], layout, args, device, step))
+            window_start += time.perf_counter() - eval_start  # keep evaluation out of the throughput
     bar.close()
-    evals.append({"step": args.num_steps, **evaluate(engine, blocks["validation"], layout, args, device)})
-    log(f"eval  {args.num_steps:5d} | loss {evals[-1]['loss']:.4f} | perplexity {evals[-1]['perplexity']:.2f}")
+    if args.num_steps == 0:
+        evals.append(evaluate_and_log(engine, blocks["validation"], layout, args, device, 0))
     return history, evals
+
+
+def evaluate_and_log(engine, dataset, layout, args, device, step):
+    record = {"step": step, **evaluate(engine, dataset, layout, args, device)}
+    log(layout, f"eval  {step:5d} | loss {record['loss']:.4f} | perplexity {record['perplexity']:.2f}")
+    return record
+
+
+def log(layout, message):
+    if layout.rank == 0:
+        tqdm.write(message)
+
+
+def format_record(r):
+    grad_norm = "n/a" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
+    mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    return (f"step {r['step']:5d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad norm {grad_norm} | "
+            f"{1000 * r['step_time_s']:.0f} ms/step | {r['tokens_per_s']:,.0f} tok/s | MFU {mfu} | "
+            f"peak mem {r['peak_memory_gib']:.2f} GiB")
 
 
 def throughput_summary(history):
@@ -752,7 +767,7 @@ def main(argv=None):
         print(partition_summary(plan, layer_specs, layout.tp), flush=True)
 
     engine = build_engine(model, args, layout, ds_config)
-    check_partition(engine.module, plan, layer_specs)
+    check_partition(engine.module, plan)
     history, evals = train(engine, blocks, layout, args, device, flops_per_token)
 
     results = {"args": vars(args), "layout": asdict(layout) | {"tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank},
