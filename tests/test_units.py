@@ -170,7 +170,7 @@ def small_tokenizer(tmp_path_factory):
     return S.train_bpe_tokenizer(text, "text", 300, tmp_path_factory.mktemp("tok"))
 
 
-def test_bpe_tokenizer_is_deterministic_and_cached(small_tokenizer, tmp_path):
+def test_bpe_tokenizer_is_deterministic(small_tokenizer, tmp_path):
     text = datasets.Dataset.from_dict({"text": ["the quick brown fox jumps over the lazy dog " * 20,
                                                 "pack these documents into blocks of tokens " * 20]})
     again = S.train_bpe_tokenizer(text, "text", 300, tmp_path)
