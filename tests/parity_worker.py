@@ -72,7 +72,8 @@ def qkv_heads_held(engine, reference, config, layout):
     return sorted({(i // (3 * hs), (i // hs) % 3) for i in rows})
 
 
-def run(args, layout, config, specs, optimizer_factory, reference_optimizer, dataset, device):
+def run(args, layout, config, specs, optimizer_factory, dataset, device):
+    """optimizer_factory builds the optimizer of both models; None: compare step-0 logits only."""
     model = S.build_model(args, config, S.DTYPES[args.precision])
     reference = copy.deepcopy(model).to(device)
     ds_config = S.build_ds_config(args, specs)
@@ -86,7 +87,7 @@ def run(args, layout, config, specs, optimizer_factory, reference_optimizer, dat
     dist.all_gather_object(held, qkv_heads_held(engine, reference, config, layout))
     result["qkv_rows_held_by_rank"] = held
 
-    opt = reference_optimizer(reference.parameters())
+    opt = optimizer_factory(reference.parameters())
     sched = S.warmup_cosine(args)(opt)
     batches, ref_batches = S.train_batches(dataset, layout, args, device), reference_batches(dataset, layout, args, device)
     result.update(losses=[], reference_losses=[], grad_norms=[], reference_grad_norms=[])
@@ -135,9 +136,9 @@ def main():
     sgd_args.max_grad_norm, sgd_args.learning_rate = 0.0, 0.5  # no clipping: it would hide a gradient-scale error
     sgd = lambda params: torch.optim.SGD(params, lr=sgd_args.learning_rate)  # noqa: E731
     results = {
-        "adamw": run(args, layout, config, specs, S.adamw(args), S.adamw(args), dataset, device),
-        "sgd": run(sgd_args, layout, config, specs, sgd, sgd, dataset, device),
-        "upstream_shape_spec": run(args, layout, config, upstream_shape_specs(config), None, None, dataset, device),
+        "adamw": run(args, layout, config, specs, S.adamw(args), dataset, device),
+        "sgd": run(sgd_args, layout, config, specs, sgd, dataset, device),
+        "upstream_shape_spec": run(args, layout, config, upstream_shape_specs(config), None, dataset, device),
     }
     if layout.rank == 0:
         Path(out_path).write_text(json.dumps(results, indent=1))

@@ -163,16 +163,17 @@ def test_sampler_contract(n, dp, tp):
         assert first != order(layouts[0], 0, seed=8)
 
 
+TOKENIZER_TEXT = ["the quick brown fox jumps over the lazy dog " * 20, "pack these documents into blocks of tokens " * 20]
+
+
 @pytest.fixture(scope="module")
 def small_tokenizer(tmp_path_factory):
-    text = datasets.Dataset.from_dict({"text": ["the quick brown fox jumps over the lazy dog " * 20,
-                                                "pack these documents into blocks of tokens " * 20]})
+    text = datasets.Dataset.from_dict({"text": TOKENIZER_TEXT})
     return S.train_bpe_tokenizer(text, "text", 300, tmp_path_factory.mktemp("tok"))
 
 
 def test_bpe_tokenizer_is_deterministic(small_tokenizer, tmp_path):
-    text = datasets.Dataset.from_dict({"text": ["the quick brown fox jumps over the lazy dog " * 20,
-                                                "pack these documents into blocks of tokens " * 20]})
+    text = datasets.Dataset.from_dict({"text": TOKENIZER_TEXT})
     again = S.train_bpe_tokenizer(text, "text", 300, tmp_path)
     sample = "the lazy fox packs blocks"
     assert again(sample)["input_ids"] == small_tokenizer(sample)["input_ids"]
