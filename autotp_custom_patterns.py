@@ -38,8 +38,12 @@ import math
 import os
 import platform
 import re
+import random
 import resource
+import shutil
+import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from itertools import count
@@ -130,7 +134,18 @@ def parse_args(argv=None):
     a("--log_interval", type=int, default=5, help="log every N steps (each log syncs the host)")
     a("--eval_interval", type=int, default=25, help="evaluate every N steps (and at the end); 0: only at the end")
     a("--peak_tflops", type=float, default=None, help="accelerator peak TFLOP/s for MFU (default: detected)")
-    a("--output_dir", default="output", help="where results.json is written")
+    a("--output_dir", default="output",
+      help="results.json, loss_curve.png, checkpoints/ and the exported Hugging Face model hf/")
+    # checkpoints and export
+    a("--save_interval", type=int, default=0,
+      help="write a DeepSpeed checkpoint every N steps and at the last step; 0: only on SIGTERM/SIGINT")
+    a("--keep_last", type=int, default=2, help="checkpoints kept on disk (the newest); 0 keeps all")
+    a("--resume_from_checkpoint", default=None,
+      help="continue from a checkpoint: its directory, a checkpoints/ directory, or 'latest' "
+           "(<output_dir>/checkpoints)")
+    a("--export_only", action="store_true",
+      help="with --resume_from_checkpoint: write the Hugging Face model to <output_dir>/hf and stop")
+    a("--skip_export", action="store_true", help="do not write <output_dir>/hf at the end of training")
     return p.parse_args(argv)
 
 
@@ -139,7 +154,8 @@ def check_args(args):
     for name in ("batch_size", "gradient_accumulation_steps", "seq_length", "log_interval"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("num_steps", "eval_interval", "weight_decay", "max_grad_norm", "warmup_steps"):
+    for name in ("num_steps", "eval_interval", "weight_decay", "max_grad_norm", "warmup_steps", "save_interval",
+                 "keep_last"):
         if (getattr(args, name) or 0) < 0:
             raise UsageError(f"--{name} must be zero or positive, got {getattr(args, name)}")
     for name in ("tp_size", "dp_size", "preprocessing_num_workers"):  # None: derived or default
@@ -149,6 +165,8 @@ def check_args(args):
         raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
     if not 0 < args.validation_split_percentage < 100:
         raise UsageError("--validation_split_percentage must be between 0 and 100")
+    if args.export_only and not args.resume_from_checkpoint:
+        raise UsageError("--export_only exports a checkpoint: give --resume_from_checkpoint too")
     if args.dataset_name and args.train_file:
         raise UsageError("give either --dataset_name or --train_file, not both")
     for flag in ("train_file", "validation_file"):
@@ -309,13 +327,15 @@ class BatchSizeMPU:
         return self.layout.tp_rank
 
 
-def check_groups(layout):
-    """DeepSpeed's AutoTP groups must be the ones this script's sampler assumes."""
-    theirs = (groups.get_tensor_model_parallel_rank(), groups.get_tensor_model_parallel_world_size(),
-              groups.get_data_parallel_rank(), groups.get_data_parallel_world_size())
-    ours = (layout.tp_rank, layout.tp, layout.dp_rank, layout.dp)
+def check_groups(engine, layout):
+    """DeepSpeed's groups must be the ones this script's sampler assumes."""
+    dp_group = engine.data_parallel_group  # the AutoTP DP group; at tp=1 (no AutoTP groups) the world
+    theirs = (dist.get_rank(dp_group), dist.get_world_size(dp_group))
+    if layout.tp > 1:
+        theirs += (groups.get_tensor_model_parallel_rank(), groups.get_tensor_model_parallel_world_size())
+    ours = (layout.dp_rank, layout.dp) + ((layout.tp_rank, layout.tp) if layout.tp > 1 else ())
     if theirs != ours:
-        raise RuntimeError(f"DeepSpeed's (tp_rank, tp, dp_rank, dp) = {theirs}, expected {ours}")
+        raise RuntimeError(f"DeepSpeed's (dp_rank, dp, tp_rank, tp) = {theirs}, expected {ours}")
 
 
 def check_model_fits_tp(config, tp, seq_length):
@@ -488,13 +508,16 @@ def make_sampler(dataset, layout, seed, shuffle=True):
                               seed=seed, drop_last=True)
 
 
-def train_batches(dataset, layout, args, device):
-    """Endless micro-batches for this rank, reshuffled every epoch."""
+def train_batches(dataset, layout, args, device, skip=0):
+    """Endless micro-batches for this rank, reshuffled every epoch, after the first `skip` ones (a
+    resumed run skips what it already trained on: the order depends only on seed, epoch and position)."""
     sampler = make_sampler(dataset, layout, args.seed)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                        pin_memory=device.type == "cuda")
-    for epoch in count():
+    per_epoch = len(sampler) // args.batch_size  # full micro-batches; the sampler's tail is dropped
+    for epoch in count(skip // per_epoch):
         sampler.set_epoch(epoch)
+        start = args.batch_size * (skip - epoch * per_epoch if epoch == skip // per_epoch else 0)
+        indices = list(sampler)[start:per_epoch * args.batch_size]
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=indices, pin_memory=device.type == "cuda")
         for batch in loader:
             yield batch["input_ids"].to(device, non_blocking=True)
 
@@ -576,11 +599,171 @@ def warmup_cosine(args):
 
 
 def build_engine(model, args, layout, ds_config, optimizer=None):
+    # At tp=1 DeepSpeed builds no AutoTP groups and would take its DP group from the mpu; it needs none.
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
-                                           optimizer=optimizer or adamw(args),
-                                           lr_scheduler=warmup_cosine(args), mpu=BatchSizeMPU(layout))
-    check_groups(layout)
+                                           optimizer=optimizer or adamw(args), lr_scheduler=warmup_cosine(args),
+                                           mpu=BatchSizeMPU(layout) if layout.tp > 1 else None)
+    check_groups(engine, layout)
     return engine
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints and export
+# ------------------------------------------------------------------------------------------------
+
+POINTER = "latest"  # DeepSpeed's own name: engine.load_checkpoint(dir) follows it too
+# The arguments that fix the topology, the model and the order of the data: a resumed run must match.
+RESUME_ARGS = ("model_name", "tp_size", "dp_size", "seq_length", "batch_size", "gradient_accumulation_steps",
+               "zero_stage", "precision", "seed", "dataset_name", "dataset_config_name", "train_file",
+               "validation_file", "text_column", "validation_split_percentage", "tokenizer_name")
+
+
+class Diverged(Exception):
+    """A non-finite loss: reported as one line, exit code 3, no checkpoint written after it."""
+
+
+def check_output_dir(path):
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--output_dir {path} is not writable ({exc.strerror}): pick another directory")
+
+
+def find_checkpoint(args):
+    """--resume_from_checkpoint -> (checkpoint directory, its run.json). Runs before any heavy work."""
+    given = args.resume_from_checkpoint
+    path = Path(args.output_dir) / "checkpoints" if given == "latest" else Path(given)
+    if (path / POINTER).is_file():  # a checkpoints/ directory: follow its pointer
+        path = path / (path / POINTER).read_text().strip()
+    if not (path / "run.json").is_file():
+        raise UsageError(f"--resume_from_checkpoint {given}: no complete checkpoint at {path} "
+                         "(expected a directory with run.json, written by --save_interval or on SIGTERM)")
+    meta = json.loads((path / "run.json").read_text())
+    for name in RESUME_ARGS:
+        if meta["args"].get(name) != getattr(args, name):
+            raise UsageError(f"--resume_from_checkpoint {given} was written with --{name} {meta['args'].get(name)}, "
+                             f"this run has --{name} {getattr(args, name)}: use the checkpoint's value")
+    return path, meta
+
+
+def save_checkpoint(engine, args, layout, step, history, evals):
+    """Every rank writes its shards and optimizer state under checkpoints/<tag>; rank 0 then marks it
+    complete (run.json) and only then moves the pointer, atomically. A kill at any moment leaves the
+    pointer on the previous complete checkpoint. A tag is never reused, so nothing is overwritten."""
+    root = Path(args.output_dir) / "checkpoints"
+    tag = [f"step_{step:07d}"]
+    if layout.rank == 0:
+        tag[0] = next(t for t in (f"step_{step:07d}" + (f".{i}" if i else "") for i in count())
+                      if not (root / t).exists())
+    dist.broadcast_object_list(tag, src=0)
+    tag = tag[0]
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    torch.save(rng_state(), root / tag / f"rng_rank{layout.rank:05d}.pt")
+    dist.barrier()  # every rank's files are on disk
+    if layout.rank == 0:
+        meta = {"step": step, "micro_batches_consumed": step * args.gradient_accumulation_steps,
+                "args": vars(args), "history": history, "evals": evals}
+        write_atomically(root / tag / "run.json", json.dumps(meta, indent=1))
+        write_atomically(root / POINTER, tag)
+        prune_checkpoints(root, args.keep_last)
+    dist.barrier()
+    return root / tag
+
+
+def write_atomically(path, text):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
+
+
+def prune_checkpoints(root, keep_last):
+    """Delete leftovers of interrupted saves (no run.json) and all but the newest keep_last checkpoints."""
+    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_")]
+    complete = sorted((d for d in dirs if (d / "run.json").is_file()), key=lambda d: (d / "run.json").stat().st_mtime)
+    doomed = [d for d in dirs if not (d / "run.json").is_file()] + (complete[:-keep_last] if keep_last else [])
+    for d in doomed:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def load_checkpoint(engine, path, layout):
+    """Weights, optimizer state (this rank's ZeRO partition), LR schedule, RNG. Same topology only."""
+    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if loaded is None:
+        raise UsageError(f"DeepSpeed could not load the checkpoint at {path}")
+    state = torch.load(path / f"rng_rank{layout.rank:05d}.pt", weights_only=False)
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def export_hf(engine, tokenizer, layout, out_dir):
+    """Gather the TP shards into one plain Hugging Face model (safetensors) plus its tokenizer.
+    A collective: every rank sends its shards, rank 0 writes. (engine.save_16bit_model() would write
+    rank 0's shards only under AutoTP.)"""
+    if layout.tp > 1:
+        state = engine._consolidated_16bit_state_dict()  # full tensors on rank 0, None elsewhere
+    else:
+        state = engine.module.state_dict()
+    if layout.rank == 0:
+        out_dir = Path(out_dir)
+        partial = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        engine.module.config.use_cache = True  # training switched the KV cache off; generation wants it
+        engine.module.save_pretrained(partial, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        partial.rename(out_dir)
+    dist.barrier()
+
+
+def plot_losses(history, evals, path):
+    """Train and eval loss over steps as a PNG; matplotlib is optional. Returns the path or None."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train (DP mean)")
+    ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="eval")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+class StopSignal:
+    """SIGTERM or SIGINT (a scheduler's warning before preemption, Ctrl-C) sets a flag; at each step the
+    ranks agree whether anyone got one, over a CPU (gloo) group so the accelerator stream is not
+    synchronised. A second signal gets the default behaviour: it kills."""
+
+    def __init__(self):
+        self.received = None
+        self.group = dist.new_group(backend="gloo")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+
+    def agreed(self):
+        flag = torch.tensor([self.received is not None], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -600,10 +783,10 @@ def train_step(engine, batches):
     return total / engine.gradient_accumulation_steps()
 
 
-def dp_mean(value, layout):
+def dp_mean(value, engine, layout):
     """Average a per-rank scalar over the DP group (TP peers already agree). Syncs the host."""
     value = value.detach().clone().float()
-    dist.all_reduce(value, group=groups.get_data_parallel_group())
+    dist.all_reduce(value, group=engine.data_parallel_group)
     return value.item() / layout.dp
 
 
@@ -617,7 +800,7 @@ def evaluate(engine, dataset, layout, args, device):
         input_ids = batch["input_ids"].to(device)
         totals += torch.stack([engine(input_ids=input_ids, labels=input_ids).loss.float() * len(input_ids),
                                torch.tensor(float(len(input_ids)), device=device)])
-    dist.all_reduce(totals, group=groups.get_data_parallel_group())
+    dist.all_reduce(totals, group=engine.data_parallel_group)
     engine.train()
     loss = (totals[0] / totals[1]).item()
     return {"loss": loss, "perplexity": math.exp(min(loss, 80.0))}
@@ -639,31 +822,29 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def train(engine, blocks, layout, args, device, flops_per_token):
-    """The loop. Returns one record per logged step and the evaluations."""
-    batches = train_batches(blocks["train"], layout, args, device)
+def train(engine, blocks, layout, args, device, flops_per_token, resumed=None):
+    """The loop, from step 1 or from a checkpoint's run.json (`resumed`). Returns one record per logged
+    step, the evaluations, and the name of the signal that stopped it early (or None)."""
+    first = resumed["step"] + 1 if resumed else 1
+    history, evals = (resumed["history"], resumed["evals"]) if resumed else ([], [])
+    batches = train_batches(blocks["train"], layout, args, device, skip=(first - 1) * args.gradient_accumulation_steps)
     tokens_per_step = args.batch_size * args.gradient_accumulation_steps * layout.dp * args.seq_length
-    peak = peak_flops(args, device)
-    history, evals = [], []
-    bar = tqdm(total=args.num_steps, unit="step", disable=None if layout.rank == 0 else True)
+    peak, stop = peak_flops(args, device), StopSignal()
+    first_bad = torch.full((), math.inf, device=device)  # first step with a non-finite loss, kept on device
+    bar = tqdm(total=args.num_steps, initial=first - 1, unit="step", disable=None if layout.rank == 0 else True)
     window_start, window_steps = time.perf_counter(), 0
-    for step in range(1, args.num_steps + 1):
+    for step in range(first, args.num_steps + 1):
         lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside engine.step
         loss = train_step(engine, batches)
+        first_bad = torch.where(torch.isfinite(loss), first_bad, first_bad.clamp(max=step))
         window_steps += 1
         bar.update()
         if step % args.log_interval == 0 or step == args.num_steps:
-            loss = dp_mean(loss, layout)  # the host sync: all queued accelerator work finishes here
+            check_finite(first_bad)
+            loss = dp_mean(loss, engine, layout)  # the host sync: all queued accelerator work finishes here
             elapsed = time.perf_counter() - window_start
-            tokens_per_s = tokens_per_step * window_steps / elapsed
-            grad_norm = engine.get_global_grad_norm()
-            history.append({"step": step, "loss": loss, "lr": lr,
-                            "grad_norm": None if grad_norm is None else float(grad_norm),
-                            "step_time_s": elapsed / window_steps, "tokens_per_s": tokens_per_s,
-                            "mfu": flops_per_token * tokens_per_s / (peak * layout.world_size) if peak else None,
-                            "peak_memory_gib": peak_memory_gib(device)})
-            if not math.isfinite(loss):
-                raise RuntimeError(f"the loss is {loss} at step {step}")
+            history.append(step_record(engine, step, loss, lr, elapsed / window_steps, tokens_per_step,
+                                       flops_per_token, peak, layout, device))
             log(layout, format_record(history[-1]))
             bar.set_postfix(loss=f"{loss:.3f}")
             window_start, window_steps = time.perf_counter(), 0
@@ -671,10 +852,38 @@ def train(engine, blocks, layout, args, device, flops_per_token):
             eval_start = time.perf_counter()
             evals.append(evaluate_and_log(engine, blocks["validation"], layout, args, device, step))
             window_start += time.perf_counter() - eval_start  # keep evaluation out of the throughput
+        stopping = stop.agreed()
+        if stopping or (args.save_interval and (step % args.save_interval == 0 or step == args.num_steps)):
+            check_finite(first_bad)  # never checkpoint a diverged model
+            path = save_checkpoint(engine, args, layout, step, history, evals)
+            window_start = time.perf_counter()
+            log(layout, f"saved checkpoint {path}")
+        if stopping:
+            log(layout, f"received {stop.received}: stopped after step {step} with a checkpoint; continue "
+                        "with --resume_from_checkpoint latest")
+            break
     bar.close()
     if args.num_steps == 0:
         evals.append(evaluate_and_log(engine, blocks["validation"], layout, args, device, 0))
-    return history, evals
+    return history, evals, stop.received
+
+
+def check_finite(first_bad):
+    """Stop every rank at the first non-finite loss of any rank. Syncs the host."""
+    first_bad = first_bad.clone()
+    dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    if math.isfinite(first_bad.item()):
+        raise Diverged(f"the loss is not finite at step {int(first_bad.item())}: lower --learning_rate, "
+                       "try --precision fp32, or resume from the last checkpoint (none is written after this)")
+
+
+def step_record(engine, step, loss, lr, step_time, tokens_per_step, flops_per_token, peak, layout, device):
+    grad_norm = engine.get_global_grad_norm()
+    tokens_per_s = tokens_per_step / step_time
+    return {"step": step, "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+            "step_time_s": step_time, "tokens_per_s": tokens_per_s,
+            "mfu": flops_per_token * tokens_per_s / (peak * layout.world_size) if peak else None,
+            "peak_memory_gib": peak_memory_gib(device)}
 
 
 def evaluate_and_log(engine, dataset, layout, args, device, step):
@@ -740,6 +949,8 @@ def main(argv=None):
                             args.tp_size, args.dp_size)
     args.tp_size, args.dp_size = layout.tp, layout.dp
     args.warmup_steps = args.num_steps // 10 if args.warmup_steps is None else args.warmup_steps
+    check_output_dir(args.output_dir)
+    resume_path, resumed = find_checkpoint(args) if args.resume_from_checkpoint else (None, None)
     config = load_config(args)
     check_model_fits_tp(config, layout.tp, args.seq_length)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
@@ -768,30 +979,47 @@ def main(argv=None):
 
     engine = build_engine(model, args, layout, ds_config)
     check_partition(engine.module, plan)
-    history, evals = train(engine, blocks, layout, args, device, flops_per_token)
-
+    if resume_path:
+        load_checkpoint(engine, resume_path, layout)
+        log(layout, f"resumed from {resume_path} after step {resumed['step']}")
+    history, evals, stopped_by = [], [], None
+    if not args.export_only:
+        history, evals, stopped_by = train(engine, blocks, layout, args, device, flops_per_token, resumed)
+    export_dir = None
+    if args.export_only or (args.num_steps > 0 and not stopped_by and not args.skip_export):
+        export_dir = Path(args.output_dir) / "hf"
+        export_hf(engine, tokenizer, layout, export_dir)
+        log(layout, f"exported the model (all TP shards gathered) to {export_dir}")
     results = {"args": vars(args), "layout": asdict(layout) | {"tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank},
                "model": {"parameters": n_params, "non_embedding_parameters": n_non_embedding,
                          "flops_per_token": flops_per_token},
                "train": history, "eval": evals, "throughput": throughput_summary(history),
+               "resumed_from": resumed and str(resume_path), "stopped_by": stopped_by,
+               "export_dir": export_dir and str(export_dir),
                "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
                             "transformers": transformers.__version__, "datasets": datasets.__version__}}
     if layout.rank == 0:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
-        print(f"wrote {Path(args.output_dir) / 'results.json'}", flush=True)
+        write_results(results, Path(args.output_dir))
     return results
+
+
+def write_results(results, output_dir):
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {output_dir / 'results.json'}", flush=True)
+    if results["train"]:
+        plot = plot_losses(results["train"], results["eval"], output_dir / "loss_curve.png")
+        print(f"wrote {plot}" if plot else "no loss_curve.png: pip install matplotlib to get one", flush=True)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except UsageError as exc:
+    except (UsageError, Diverged) as exc:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         if dist.is_initialized():
             dist.barrier()  # every rank raised the same error: leave together, once rank 0 has said why
-        sys.exit(2)
+        sys.exit(2 if isinstance(exc, UsageError) else 3)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

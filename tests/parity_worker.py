@@ -92,7 +92,7 @@ def run(args, layout, config, specs, optimizer_factory, dataset, device):
     batches, ref_batches = S.train_batches(dataset, layout, args, device), reference_batches(dataset, layout, args, device)
     result.update(losses=[], reference_losses=[], grad_norms=[], reference_grad_norms=[])
     for _ in range(STEPS):
-        result["losses"].append(S.dp_mean(S.train_step(engine, batches), layout))
+        result["losses"].append(S.dp_mean(S.train_step(engine, batches), engine, layout))
         norm = engine.get_global_grad_norm()
         result["grad_norms"].append(None if norm is None else float(norm))
         input_ids = next(ref_batches)

@@ -3,7 +3,11 @@ contract, packing, argument checks and the DeepSpeed config. Seconds on a laptop
 
 Run: python -m pytest tests/test_units.py -q
 """
+import argparse
 import itertools
+import json
+import sys
+import time
 
 import datasets
 import pytest
@@ -206,6 +210,8 @@ def test_packing_joins_documents_with_eos_into_full_blocks(small_tokenizer):
     (["--train_file", "/nonexistent/train.txt"], "--train_file /nonexistent/train.txt does not exist"),
     (["--train_file", "notes.docx"], "use one of .txt"),
     (["--dataset_name", "wikitext", "--train_file", "a.txt"], "either --dataset_name or --train_file"),
+    (["--export_only"], "give --resume_from_checkpoint too"),
+    (["--save_interval", "-5"], "--save_interval must be zero or positive"),
 ])
 def test_bad_arguments_name_what_to_change(argv, message):
     with pytest.raises(S.UsageError, match=message):
@@ -233,3 +239,72 @@ def test_ds_config_turns_on_autotp_from_the_config_alone():
     assert config["gradient_clipping"] == 0.5
     assert config["fp16"]["enabled"] and not config["bf16"]["enabled"]
     assert S.parse_args([]).zero_stage == 2  # ZeRO-2 by default
+
+
+# ---- resume and checkpoints ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,batch,skip", [(103, 2, 0), (103, 2, 7), (103, 2, 50), (64, 4, 16), (64, 4, 37)])
+def test_resumed_batches_continue_where_the_run_stopped(n, batch, skip):
+    """Skipping k micro-batches (across epoch ends too) gives what the (k+1)-th read of a fresh run gives."""
+    dataset = datasets.Dataset.from_dict({"input_ids": [[i] for i in range(n)]}).with_format("torch")
+    layout, args = S.resolve_layout(1, 4, tp=2), args_for("--batch_size", str(batch))
+    fresh = S.train_batches(dataset, layout, args, torch.device("cpu"))
+    resumed = S.train_batches(dataset, layout, args, torch.device("cpu"), skip=skip)
+    expected = [b.tolist() for b in itertools.islice(fresh, skip, skip + 30)]
+    assert [b.tolist() for b in itertools.islice(resumed, 30)] == expected
+
+
+def fake_checkpoint(root, tag, args, complete=True):
+    (root / tag).mkdir(parents=True)
+    if complete:
+        (root / tag / "run.json").write_text(json.dumps({"step": 4, "args": vars(args)}))
+
+
+def test_find_checkpoint_follows_the_pointer_and_rejects_what_is_not_one(tmp_path):
+    args = args_for("--output_dir", str(tmp_path), "--tp_size", "2", "--dp_size", "2", "--resume_from_checkpoint", "latest")
+    root = tmp_path / "checkpoints"
+    with pytest.raises(S.UsageError, match="no complete checkpoint at .*checkpoints"):
+        S.find_checkpoint(args)  # nothing saved yet
+    fake_checkpoint(root, "step_0000004", args)
+    fake_checkpoint(root, "step_0000008", args, complete=False)  # a save that was killed half-way
+    (root / "latest").write_text("step_0000004")
+    assert S.find_checkpoint(args)[0] == root / "step_0000004"
+    args.resume_from_checkpoint = str(root)
+    assert S.find_checkpoint(args)[0] == root / "step_0000004"
+    for bad in (root / "step_0000008", tmp_path / "missing"):
+        args.resume_from_checkpoint = str(bad)
+        with pytest.raises(S.UsageError, match="no complete checkpoint at"):
+            S.find_checkpoint(args)
+    args.resume_from_checkpoint = "latest"
+    for flag, value in (("seq_length", 1024), ("model_name", "builtin:pythia-70m"), ("dp_size", 1)):
+        changed = argparse.Namespace(**{**vars(args), flag: value})
+        with pytest.raises(S.UsageError, match=f"written with --{flag} .*, this run has --{flag} {value}"):
+            S.find_checkpoint(changed)
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
+    args = args_for()
+    for step in (2, 4, 6):
+        fake_checkpoint(tmp_path, f"step_{step:07d}", args)
+        time.sleep(0.01)  # run.json times order the checkpoints
+    fake_checkpoint(tmp_path, "step_0000008", args, complete=False)
+    S.prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(d.name for d in tmp_path.iterdir()) == ["step_0000004", "step_0000006"]
+    S.prune_checkpoints(tmp_path, keep_last=0)  # 0 keeps all
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_output_dir_must_be_writable(tmp_path):
+    S.check_output_dir(tmp_path / "new" / "dir")  # created
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(S.UsageError, match="--output_dir .*a_file/out is not writable"):
+        S.check_output_dir(tmp_path / "a_file" / "out")
+
+
+def test_loss_curve_needs_matplotlib_or_says_so(tmp_path, monkeypatch):
+    history, evals = [{"step": 5, "loss": 9.0}, {"step": 10, "loss": 8.0}], [{"step": 10, "loss": 8.5}]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert S.plot_losses(history, evals, tmp_path / "loss.png") is None
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    assert S.plot_losses(history, evals, tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

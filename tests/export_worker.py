@@ -1,0 +1,49 @@
+"""One process of the export test (tests/test_checkpoints.py launches it with torchrun; not a test itself).
+
+Shards the tiny GPT-NeoX at tp=2, trains a few steps (so the weights are no longer their init), then
+calls the script's export_hf. Rank 0 saves the sharded model's logits on a probe batch next to the
+export; the test reloads the export with plain transformers in a fresh process and compares.
+
+usage: torchrun --standalone --nproc_per_node 2 tests/export_worker.py HF_DIR LOGITS.pt
+"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import autotp_custom_patterns as S  # noqa: E402
+from parity_worker import random_blocks  # noqa: E402
+
+
+def main():
+    hf_dir, logits_path = sys.argv[1:3]
+    args = S.parse_args(["--model_name", "builtin:tiny", "--precision", "fp32", "--seq_length", "32",
+                         "--num_steps", "3", "--learning_rate", "1e-2", "--tp_size", "2"])
+    layout = S.resolve_layout(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.tp_size, args.dp_size)
+    args.tp_size, args.dp_size, args.warmup_steps = layout.tp, layout.dp, 0
+    device = S.init_distributed(int(os.environ["LOCAL_RANK"]))
+    config = S.load_config(args)
+    dataset = random_blocks(16, args.seq_length, config.vocab_size, seed=2)
+    engine = S.build_engine(S.build_model(args, config, torch.float32), args, layout,
+                            S.build_ds_config(args, S.gpt_neox_layer_specs()))
+    batches = S.train_batches(dataset, layout, args, device)
+    for _ in range(args.num_steps):
+        S.train_step(engine, batches)
+    # Any tokenizer will do (the test is about the weights); a two-word one needs no training.
+    vocab = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=vocab, eos_token="<|endoftext|>")
+    S.export_hf(engine, tokenizer, layout, hf_dir)
+    probe = dataset[:2]["input_ids"].to(device)
+    engine.eval()
+    with torch.no_grad():
+        logits = engine(input_ids=probe).logits
+    if layout.rank == 0:
+        torch.save({"input_ids": probe.cpu(), "logits": logits.cpu()}, logits_path)
+
+
+if __name__ == "__main__":
+    main()

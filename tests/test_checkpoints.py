@@ -1,0 +1,178 @@
+"""Checkpoints, exact resume, stopping on SIGTERM, and the Hugging Face export, on CPU (fp32, tp=2 x dp=2).
+
+  * a run killed with SIGKILL and resumed from its latest checkpoint gives, at every later step, the
+    loss of the same run left alone (within 1e-6);
+  * SIGTERM: the ranks agree to stop, save at the step they reached, exit 0; resuming continues exactly;
+  * the exported model, loaded by plain transformers in a fresh process (no DeepSpeed), gives the
+    sharded model's logits (tests/export_worker.py) and, passed back as --model_name, the training
+    run's last eval loss at tp=1 and tp=4;
+  * resuming with another topology and a diverging loss each end in one `error:` line (the other
+    bad inputs are checked in tests/test_units.py).
+
+Run: python -m pytest tests/test_checkpoints.py -q   (about three minutes on 2 cores)
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_parity import ROOT, torchrun
+from test_script import SCRIPT, error_line, run_script
+
+TOL = 1e-6
+# Short fp32 run with a loss every step and a checkpoint every 4 steps; the last step is 14.
+RUN = ["--tp_size", "2", "--dp_size", "2", "--precision", "fp32", "--seq_length", "64", "--num_steps", "14",
+       "--learning_rate", "3e-3", "--log_interval", "1", "--eval_interval", "7", "--save_interval", "4"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["HF_DATASETS_CACHE"] = str(path / "datasets")
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    proc, results = run_script(4, out, cache, *RUN)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, results
+
+
+def launch(out, cache, *args):
+    """torchrun in the background; what it prints goes to out/launch.log."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", str(SCRIPT),
+           "--output_dir", str(out), "--cache_dir", str(cache), *map(str, args)]
+    with open(Path(out) / "launch.log", "w") as log:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def printed(out):
+    return (Path(out) / "launch.log").read_text()
+
+
+def wait_for(proc, condition, what, timeout=240):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def workers_of(pid):
+    """The processes torchrun started (what a scheduler signals before preempting a job)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def pointer(out):
+    path = Path(out) / "checkpoints" / "latest"
+    return path.read_text().strip() if path.is_file() else None
+
+
+def assert_same_losses_after(resumed, reference, step):
+    ours = {r["step"]: r["loss"] for r in resumed["train"]}
+    theirs = {r["step"]: r["loss"] for r in reference["train"]}
+    later = [s for s in theirs if s > step]
+    assert later and all(s in ours for s in later), (sorted(ours), later)
+    worst = max(abs(ours[s] - theirs[s]) for s in later)
+    assert worst < TOL, f"max loss difference after resuming at step {step}: {worst:.2e}"
+    assert abs(resumed["eval"][-1]["loss"] - reference["eval"][-1]["loss"]) < TOL
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path, cache, uninterrupted):
+    _, reference = uninterrupted
+    proc = launch(tmp_path, cache, *RUN)
+    wait_for(proc, lambda: pointer(tmp_path) == "step_0000008", "the step-8 checkpoint")
+    for pid in workers_of(proc.pid) + [proc.pid]:  # the workers run in sessions of their own
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)  # were a worker still alive, it would move the pointer past step 8 now
+    saved = int(pointer(tmp_path).split("_")[1])
+    assert 8 <= saved < 14
+
+    proc, resumed = run_script(4, tmp_path, cache, *RUN, "--resume_from_checkpoint", "latest")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert resumed["resumed_from"].endswith(f"step_{saved:07d}")
+    assert_same_losses_after(resumed, reference, saved)
+    assert [r["step"] for r in resumed["train"]] == list(range(1, 15))  # the curve carries over
+
+
+def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, cache, uninterrupted):
+    _, reference = uninterrupted
+    proc = launch(tmp_path, cache, *RUN[:-2], "--save_interval", "0")
+    wait_for(proc, lambda: "step     2 |" in printed(tmp_path), "step 2")
+    for pid in workers_of(proc.pid):
+        os.kill(pid, signal.SIGTERM)
+    assert proc.wait(timeout=240) == 0, printed(tmp_path)[-3000:]
+    output = printed(tmp_path)
+    stopped = json.loads((tmp_path / "results.json").read_text())
+    step = stopped["train"][-1]["step"]
+    assert stopped["stopped_by"] == "SIGTERM" and f"stopped after step {step}" in output
+    assert pointer(tmp_path) == f"step_{step:07d}" and step < 14 and stopped["export_dir"] is None
+
+    proc, resumed = run_script(4, tmp_path, cache, *RUN[:-2], "--save_interval", "0",
+                               "--resume_from_checkpoint", tmp_path / "checkpoints")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_losses_after(resumed, reference, step)
+
+
+def test_export_reloads_in_plain_transformers_with_the_sharded_logits(tmp_path):
+    sharded = tmp_path / "sharded_logits.pt"
+    proc = torchrun(2, ROOT / "tests" / "export_worker.py", tmp_path / "hf", sharded)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check = (f"import sys, torch, transformers; assert 'deepspeed' not in sys.modules\n"
+             f"saved = torch.load({str(sharded)!r})\n"
+             f"model = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r})\n"
+             f"logits = model(input_ids=saved['input_ids']).logits\n"
+             f"print((logits - saved['logits']).abs().max().item())")
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    diff = float(proc.stdout.split()[-1])
+    assert diff < 1e-5, f"reloaded logits differ from the sharded model's by {diff:.2e}"
+
+
+@pytest.mark.parametrize("nproc,tp", [(2, 1), (4, 4)])
+def test_exported_model_evaluates_like_the_training_run(tmp_path, cache, uninterrupted, nproc, tp):
+    out, reference = uninterrupted
+    assert reference["export_dir"] == str(out / "hf")
+    proc, evaluated = run_script(nproc, tmp_path, cache, "--model_name", out / "hf", "--tp_size", tp,
+                                 "--precision", "fp32", "--seq_length", "64", "--num_steps", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert abs(evaluated["eval"][0]["loss"] - reference["eval"][-1]["loss"]) < TOL
+
+
+def test_resume_with_another_topology_is_refused(tmp_path, cache, uninterrupted):
+    """The launched form of the checks that tests/test_units.py makes one by one."""
+    out, _ = uninterrupted
+    proc, _ = run_script(4, tmp_path, cache, *RUN[4:], "--tp_size", "4", "--dp_size", "1",
+                         "--resume_from_checkpoint", out / "checkpoints")
+    assert "was written with --tp_size 2, this run has --tp_size 4" in error_line(proc)
+    assert "AutoTP partition" not in proc.stdout and not (tmp_path / "results.json").exists()
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache):
+    proc, _ = run_script(2, tmp_path, cache, "--tp_size", "2", "--precision", "fp32", "--seq_length", "64",
+                         "--num_steps", "10", "--learning_rate", "1e30", "--save_interval", "1", "--log_interval", "5")
+    line = error_line(proc)
+    assert "the loss is not finite at step" in line and "exitcode  : 3" in proc.stderr
+    bad_step = int(line.split("at step ")[1].split(":")[0])
+    assert 1 < bad_step <= 10
+    assert pointer(tmp_path) == f"step_{bad_step - 1:07d}"
+    meta = json.loads((tmp_path / "checkpoints" / pointer(tmp_path) / "run.json").read_text())
+    assert meta["step"] == bad_step - 1 and not (tmp_path / "results.json").exists()
+    assert not list((tmp_path / "checkpoints").glob(f"step_{bad_step:07d}*"))
