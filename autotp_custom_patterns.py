@@ -27,8 +27,10 @@ Launch:
   8 GPUs without hub access (same shape, random weights):
     deepspeed --num_gpus 8 autotp_custom_patterns.py --model_name builtin:pythia-6.9b --tp_size 4 --dp_size 2
 
-Outputs: progress on rank 0, and `<output_dir>/results.json` (arguments, layout, train/eval curves,
-throughput). `python autotp_custom_patterns.py --help` lists every knob.
+Outputs: progress on rank 0; in --output_dir: results.json (arguments, layout, train/eval curves,
+throughput), loss_curve.png, checkpoints/ (--save_interval N, and on SIGTERM/SIGINT; continue with
+--resume_from_checkpoint latest) and hf/, the trained model gathered from the TP shards as a plain
+Hugging Face model. `python autotp_custom_patterns.py --help` lists every knob.
 """
 import argparse
 import datetime
