@@ -7,7 +7,9 @@ What this script shows, in the order the code runs:
      per head ([head0: q k v][head1: q k v]...), not stacked as [Q; K; V];
   2. AutoTP switched on from the DeepSpeed config alone (`tensor_parallel.autotp_size`), with ZeRO-2;
   3. a DP-rank-aware sampler: the ranks of one TP group read identical batches, DP ranks disjoint ones;
-  4. checks that the sharding really happened (AutoTP leaves an unmatched layer replicated, silently).
+  4. checks that the sharding really happened (AutoTP leaves an unmatched layer replicated, silently);
+  5. other models: --partition_config FILE.json (your specs), --dry_run (the plan and memory per rank,
+     no GPU), --verify_tp (sharded vs unsharded, module by module, before training).
 
 Rank layout. DeepSpeed puts consecutive ranks in one TP group: tp_rank = rank % tp, dp_rank = rank // tp.
 With tp=2, dp=2 (4 ranks):
@@ -33,6 +35,7 @@ throughput), loss_curve.png, checkpoints/ (--save_interval N, and on SIGTERM/SIG
 Hugging Face model. `python autotp_custom_patterns.py --help` lists every knob.
 """
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -57,6 +60,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from deepspeed.accelerator import get_accelerator
+from deepspeed.module_inject.autotp_config import PartitionType, TPLayerSpec
 from deepspeed.utils import groups
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
@@ -103,6 +107,13 @@ def parse_args(argv=None):
     a("--tokenizer_name", default=None, help="tokenizer to use instead of the model's own")
     a("--random_init", action="store_true", help="build a hub/local model from its config with random weights")
     a("--trust_remote_code", action="store_true", help="allow model/tokenizer code from the hub")
+    a("--partition_config", default=None,
+      help="JSON file with your own AutoTP layer_specs (DeepSpeed's fields), replacing the GPT-NeoX ones; "
+           "any causal LM that transformers loads can then be trained")
+    a("--dry_run", action="store_true", help="print how the specs shard every Linear and the memory per rank, "
+      "then stop: no GPU, no weights, no data")
+    a("--verify_tp", action="store_true", help="before training, compare the sharded model with the unsharded "
+      "one on the first training sequence, module by module; stop if they differ")
     # parallelism
     a("--tp_size", type=int, default=None, help="tensor-parallel ranks per model replica "
       "(default: world_size / dp_size, or world_size when neither is given)")
@@ -167,6 +178,8 @@ def check_args(args):
         raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
     if not 0 < args.validation_split_percentage < 100:
         raise UsageError("--validation_split_percentage must be between 0 and 100")
+    if args.partition_config and not Path(args.partition_config).is_file():
+        raise UsageError(f"--partition_config {args.partition_config} does not exist")
     if args.export_only and not args.resume_from_checkpoint:
         raise UsageError("--export_only exports a checkpoint: give --resume_from_checkpoint too")
     if args.dataset_name and args.train_file:
@@ -218,12 +231,78 @@ def matching_spec(specs, param_name):
     return next((s for s in specs if any(re.match(p, param_name) for p in s["patterns"])), None)
 
 
+SPEC_FIELDS = {f.name for f in dataclasses.fields(TPLayerSpec)}  # what DeepSpeed's layer_specs accept
+PARTITION_TYPES = [t.value for t in PartitionType]
+
+
+def load_partition_config(path):
+    """--partition_config FILE -> (layer_specs, tp_local_config). The file holds DeepSpeed's
+    partition_config ({"layer_specs": [...]}) or just the list. "tp_local_config" (this script's, optional)
+    names config attributes the model's code reads as per-rank counts (Phi-3: num_attention_heads): they
+    are divided by tp on each rank after sharding and restored in the export."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--partition_config {path} is not valid JSON: {exc}")
+    data = {"layer_specs": data} if isinstance(data, list) else data
+    unknown = set(data) - {"layer_specs", "tp_local_config"} if isinstance(data, dict) else {"?"}
+    if unknown or not isinstance(data.get("layer_specs"), list) or not data["layer_specs"]:
+        raise UsageError(f"--partition_config {path}: expected {{\"layer_specs\": [...]}} with at least one spec "
+                         f"(and optionally \"tp_local_config\"), got keys {sorted(data) if isinstance(data, dict) else data}")
+    for i, spec in enumerate(data["layer_specs"]):
+        check_spec_fields(i, spec)
+    return data["layer_specs"], data.get("tp_local_config", [])
+
+
+def check_spec_fields(i, spec):
+    """What can be checked without the model: field names, regexes, partition types, shape syntax."""
+    where = f"--partition_config layer spec {i}"
+    if not isinstance(spec, dict) or set(spec) - SPEC_FIELDS:
+        unknown = sorted(set(spec) - SPEC_FIELDS) if isinstance(spec, dict) else spec
+        raise UsageError(f"{where}: unknown field(s) {unknown}; DeepSpeed knows {', '.join(sorted(SPEC_FIELDS))}")
+    if not spec.get("patterns") or not all(isinstance(p, str) for p in spec["patterns"]):
+        raise UsageError(f"{where}: \"patterns\" must be a non-empty list of regular expressions")
+    for pattern in spec["patterns"]:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UsageError(f"{where}: pattern {pattern!r} is not a valid regular expression ({exc})")
+    if spec.get("partition_type", "column") not in PARTITION_TYPES:
+        raise UsageError(f"{where}: partition_type {spec['partition_type']!r} is not one of {', '.join(PARTITION_TYPES)}")
+    shape = spec.get("shape")
+    if shape is not None and not (isinstance(shape, list) and all(
+            isinstance(d, int) or (isinstance(d, list) and all(isinstance(x, int) and x > 0 for x in d)) for d in shape)):
+        raise UsageError(f"{where}: shape {shape} must be a list of sizes, -1, or one list of sub-sizes, "
+                         "e.g. [[4096, 1024, 1024], -1]")
+
+
+def check_spec_shape(name, weight_shape, spec, tp):
+    """A `shape` cuts a fused weight into blocks and splits each block over the TP ranks: the blocks
+    must add up to the weight, and each must divide by tp."""
+    shape, dim = spec.get("shape"), spec_partition_dim(spec)
+    if shape is None:
+        size = weight_shape[dim] if dim < len(weight_shape) else None
+        if size is not None and size % tp:
+            raise UsageError(f"{name} {tuple(weight_shape)}: dim {dim} ({size}) does not divide by --tp_size {tp}")
+        return
+    if len(shape) != len(weight_shape):
+        return  # a reshape of another rank (e.g. experts): DeepSpeed checks it
+    blocks = shape[dim] if isinstance(shape[dim], list) else [weight_shape[dim] // max(shape[dim], 1)] * shape[dim]
+    if sum(blocks) != weight_shape[dim] or any(b % tp for b in blocks):
+        raise UsageError(f"{name} {tuple(weight_shape)}: shape {shape} splits dim {dim} into blocks {blocks}, "
+                         f"which must add up to {weight_shape[dim]} and each divide by --tp_size {tp}")
+
+
+def spec_partition_dim(spec):
+    return spec.get("partition_dim", 0 if spec.get("partition_type", "column") == "column" else 1)
+
+
 def expected_local_shape(global_shape, spec, tp):
     """Per-rank shape of a weight (or bias: 1-D) under `spec`: column splits dim 0, row splits dim 1;
     a row-parallel bias is not split (it is added once, after the all-reduce)."""
-    if spec is None or spec["partition_type"] == "skip":
+    if spec is None or spec.get("partition_type", "column") == "skip":
         return tuple(global_shape)
-    dim = spec.get("partition_dim", 0 if spec["partition_type"] == "column" else 1)
+    dim = spec_partition_dim(spec)
     if dim >= len(global_shape):
         return tuple(global_shape)
     return tuple(n // tp if d == dim else n for d, n in enumerate(global_shape))
@@ -237,13 +316,16 @@ def plan_partition(model, specs, tp):
         if not isinstance(module, torch.nn.Linear):
             continue
         spec = matching_spec(specs, module_name + ".weight")
+        if spec is not None and spec.get("partition_type", "column") != "skip":
+            check_spec_shape(module_name + ".weight", module.weight.shape, spec, tp)
         for kind, param in module.named_parameters(recurse=False):
             index = None if spec is None else specs.index(spec)
             plan[f"{module_name}.{kind}"] = (index, tuple(param.shape), expected_local_shape(param.shape, spec, tp))
     for i, spec in enumerate(specs):
         if not any(index == i for index, _, _ in plan.values()):
+            example = next((n for n in plan if n.endswith(".weight") and ".layers." in n), next(iter(plan), "?"))
             raise UsageError(f"layer spec {i} {spec['patterns']} matches no Linear weight of this model: "
-                             "fix its pattern (names look like gpt_neox.layers.0.attention.dense.weight)")
+                             f"fix its pattern (names look like {example}; --dry_run lists them all)")
     missed = [n for n, (index, _, _) in plan.items() if index is None and ".layers." in n]
     if missed:
         raise UsageError(f"no layer spec covers {missed[0]} (and {len(missed) - 1} more): it would stay "
@@ -270,6 +352,48 @@ def partition_summary(plan, specs, tp):
         label = f"{spec['partition_type']:6s} {spec['patterns'][0]}" if spec else "replicated (no spec)"
         rows.append(f"  {label:55s} {len(names):4d} tensors, e.g. {names[0]} {global_shape} -> {local_shape}")
     return "\n".join(rows)
+
+
+def dry_run(model, plan, specs, layout, args):
+    """--dry_run: every Linear weight, the spec that matched it, global and per-rank shapes, and an
+    estimate of the memory per rank. Needs the config only (the model is on the meta device)."""
+    total = sum(p.numel() for p in model.parameters())
+    rows, local = [], 0
+    for name, param in model.named_parameters():
+        index, global_shape, local_shape = plan.get(name, (None, tuple(param.shape), tuple(param.shape)))
+        local += math.prod(local_shape)
+        if name in plan and name.endswith(".weight"):
+            spec = specs[index] if index is not None else None
+            kind = spec.get("partition_type", "column") if spec else "replicated"
+            label = f"{index}: {spec['patterns'][0]}" + (f" shape={spec['shape']}" if spec.get("shape") else "") if spec else "-"
+            rows.append({"weight": name, "spec": label, "type": kind, "global": global_shape, "per_rank": local_shape})
+    memory = memory_per_rank_gib(local, layout, args)
+    lines = [f"dry run: {args.model_name} ({total / 1e6:,.1f}M parameters), tp={layout.tp}, dp={layout.dp}, "
+             f"ZeRO-{args.zero_stage}, {args.precision}",
+             f"{'Linear weight':58s} {'spec':52s} {'type':10s} {'global':>14s} {'per rank':>14s}"]
+    lines += [f"{r['weight']:58s} {r['spec']:52s} {r['type']:10s} {str(r['global']):>14s} {str(r['per_rank']):>14s}"
+              for r in rows]
+    lines.append("memory per rank (estimate, GiB; activations and communication buckets not included): "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
+    warnings = [f"warning: {r['weight']} {r['global']} ({math.prod(r['global']) / 1e6:.1f}M parameters, "
+                f"{100 * math.prod(r['global']) / total:.0f}% of the model) stays whole on every TP rank"
+                for r in rows if r["type"] == "replicated" and math.prod(r["global"]) > 0.02 * total]
+    if layout.rank == 0:
+        print("\n".join(lines + warnings), flush=True)
+    return {"dry_run": rows, "memory_per_rank_gib": memory, "warnings": warnings}
+
+
+def memory_per_rank_gib(local_params, layout, args):
+    """Model states per rank: weights in the training dtype; with ZeRO-2 an fp32 gradient partition (1/dp),
+    otherwise full gradients in the training dtype; AdamW's two moments plus fp32 master weights (when
+    training in 16 bits), partitioned over dp from ZeRO-1 on."""
+    width = DTYPES[args.precision].itemsize
+    grads = local_params * 4 / layout.dp if args.zero_stage >= 2 else local_params * width
+    optimizer = local_params * (8 + (4 if width < 4 else 0)) / (layout.dp if args.zero_stage >= 1 else 1)
+    parts = {"weights": local_params * width, "gradients": grads, "optimizer": optimizer}
+    parts["total"] = sum(parts.values())
+    return {k: v / 2 ** 30 for k, v in parts.items()}
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,17 +464,36 @@ def check_groups(engine, layout):
         raise RuntimeError(f"DeepSpeed's (dp_rank, dp, tp_rank, tp) = {theirs}, expected {ours}")
 
 
-def check_model_fits_tp(config, tp, seq_length):
-    if config.model_type != "gpt_neox":
-        raise UsageError(f"the layer specs here are for GPT-NeoX; {config.model_type} needs its own "
-                         "(edit gpt_neox_layer_specs)")
-    if config.num_attention_heads % tp:
-        raise UsageError(f"--tp_size {tp} must divide the {config.num_attention_heads} attention heads")
-    if config.intermediate_size % tp:
+def check_model_fits_tp(config, tp, seq_length, custom_specs):
+    if config.model_type != "gpt_neox" and not custom_specs:
+        raise UsageError(f"the built-in layer specs are for GPT-NeoX; for {config.model_type} write your own "
+                         "and pass them with --partition_config (README: Adapt it to your model)")
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(config, name, None)
+        if heads and heads % tp:
+            raise UsageError(f"--tp_size {tp} must divide the {heads} attention heads ({name})")
+    if getattr(config, "intermediate_size", None) and config.intermediate_size % tp:
         raise UsageError(f"--tp_size {tp} must divide the MLP width {config.intermediate_size}")
-    if seq_length > config.max_position_embeddings:
+    if seq_length > getattr(config, "max_position_embeddings", seq_length):
         raise UsageError(f"--seq_length {seq_length} exceeds the model's maximum of "
                          f"{config.max_position_embeddings} positions")
+
+
+def check_tp_local_config(config, names, tp):
+    for name in names:
+        value = getattr(config, name, None)
+        if not isinstance(value, int) or value % tp:
+            raise UsageError(f"--partition_config tp_local_config: the model config's {name} is {value!r}, "
+                             f"which must be an integer divisible by --tp_size {tp}")
+
+
+def localize_config(config, names, tp):
+    """Set the config counts that the model's code reads per rank (see load_partition_config) to their
+    local values; returns the global ones, for the export."""
+    global_counts = {name: getattr(config, name) for name in names}
+    for name, value in global_counts.items():
+        setattr(config, name, value // tp)
+    return global_counts
 
 
 def init_distributed(local_rank):
@@ -610,6 +753,103 @@ def build_engine(model, args, layout, ds_config, optimizer=None):
 
 
 # ------------------------------------------------------------------------------------------------
+# Verification against the unsharded model (--verify_tp)
+# ------------------------------------------------------------------------------------------------
+
+VERIFY_TOKENS = 256  # of the first training sequence: enough to exercise attention, cheap at 6.9B
+# Largest relative difference ||sharded - unsharded|| / ||unsharded|| accepted for a module's output. A
+# wrong split (heads mixed up, a fused block cut in the wrong place) gives differences of order 1.
+VERIFY_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
+
+
+def module_outputs(model, input_ids, keep=True):
+    """One forward pass; returns the loss, the logits and the first tensor output of every module (fp32,
+    on the host), in the order they ran. Ranks that keep nothing still take part in the collectives."""
+    outputs = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            tensor = output[0] if isinstance(output, (tuple, list)) else output
+            if keep and torch.is_tensor(tensor) and name not in outputs:
+                outputs[name] = tensor.detach().float().cpu()
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=input_ids, labels=input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return out.loss.float().item(), out.logits.detach().float().cpu(), outputs
+
+
+def unsharded_outputs(model, probe, device):
+    """The reference, on rank 0 before deepspeed.initialize: the whole model on the accelerator for one
+    forward (nothing else is there yet), then back on the host for sharding."""
+    model.to(device)
+    try:
+        return module_outputs(model, probe.to(device))
+    finally:
+        model.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+
+def verify_tp(engine, probe, reference, plan, specs, layout, args):
+    """Compare the sharded model with the unsharded one module by module (where both produce the same
+    shape: column-parallel outputs are shards, checked through the modules after them). Rank 0 judges,
+    every rank learns the verdict; a difference beyond the precision's tolerance stops the run."""
+    loss, logits, outputs = module_outputs(engine.module, probe, keep=layout.rank == 0)
+    verdict = [None, None]
+    if layout.rank == 0:
+        verdict = judge(reference, (loss, logits, outputs), plan, specs, VERIFY_TOLERANCE[args.precision],
+                        args.precision)
+    dist.broadcast_object_list(verdict, src=0)
+    error, report = verdict
+    if error:
+        raise UsageError(error)
+    log(layout, f"verify_tp: sharded = unsharded on {probe.shape[1]} tokens: loss {report['loss']:.6f} vs "
+                f"{report['reference_loss']:.6f}, logits max diff {report['logits_max_diff']:.2e}, worst module "
+                f"{report['worst_module']} (relative {report['worst_relative_diff']:.2e}, tolerance {report['tolerance']:.0e})")
+    return report
+
+
+def judge(reference, sharded, plan, specs, tolerance, precision):
+    """(error message or None, report). Modules in execution order; at the first one over tolerance, the
+    suspects are the sharded Linears that ran since the last output that agreed (a column-parallel
+    output is a shard, so it cannot be compared itself: a wrong fused-QKV split shows up one module later)."""
+    (ref_loss, ref_logits, ref_out), (loss, logits, out) = reference, sharded
+    worst, since_last_good, compared = ("", 0.0), [], 0
+    for name, expected in ref_out.items():  # hooks fire when a module finishes: children before parents
+        got = out.get(name)
+        since_last_good.append(name)
+        if got is None or got.shape != expected.shape:
+            continue
+        compared += 1
+        rel = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+        worst = max(worst, (name, rel), key=lambda w: w[1])
+        if not rel <= tolerance:
+            suspects = [f"{n} ({describe_spec(specs[plan[n + '.weight'][0]])})" for n in since_last_good
+                        if plan.get(n + ".weight", (None,))[0] is not None]
+            return (f"--verify_tp: the sharded model differs from the unsharded one first at {name} (relative "
+                    f"difference {rel:.2e}, tolerance {tolerance:.0e} for {precision}; loss {loss:.4f} vs "
+                    f"{ref_loss:.4f}); sharded layers since the last agreeing output: {', '.join(suspects) or 'none'}: "
+                    "check their specs (a fused weight needs the split that matches its layout)"), None
+        since_last_good = []
+    return None, {"loss": loss, "reference_loss": ref_loss, "logits_max_diff": (logits - ref_logits).abs().max().item(),
+                  "worst_module": worst[0], "worst_relative_diff": worst[1], "modules_compared": compared,
+                  "tolerance": tolerance}
+
+
+def describe_spec(spec):
+    return spec.get("partition_type", "column") + (f", shape={spec['shape']}" if spec.get("shape") else "")
+
+# ------------------------------------------------------------------------------------------------
 # Checkpoints and export
 # ------------------------------------------------------------------------------------------------
 
@@ -708,7 +948,7 @@ def load_checkpoint(engine, path, layout):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def export_hf(engine, tokenizer, layout, out_dir):
+def export_hf(engine, tokenizer, layout, out_dir, global_counts=None):
     """Gather the TP shards into one plain Hugging Face model (safetensors) plus its tokenizer.
     A collective: every rank sends its shards, rank 0 writes. (engine.save_16bit_model() would write
     rank 0's shards only under AutoTP.)"""
@@ -721,6 +961,8 @@ def export_hf(engine, tokenizer, layout, out_dir):
         partial = out_dir.with_name(out_dir.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         engine.module.config.use_cache = True  # training switched the KV cache off; generation wants it
+        for name, value in (global_counts or {}).items():  # the export is the whole model again
+            setattr(engine.module.config, name, value)
         engine.module.save_pretrained(partial, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(partial)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -947,14 +1189,23 @@ def main(argv=None):
     args = parse_args(argv)
     args.model_name = args.model_name or default_model_name()
     check_args(args)
-    layout = resolve_layout(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                            args.tp_size, args.dp_size)
+    launched = "WORLD_SIZE" in os.environ  # a dry run may also be a plain `python` call describing tp x dp
+    world = int(os.environ["WORLD_SIZE"]) if launched else (args.tp_size or 1) * (args.dp_size or 1) if args.dry_run else 1
+    layout = resolve_layout(int(os.environ.get("RANK", 0)), world, args.tp_size, args.dp_size)
     args.tp_size, args.dp_size = layout.tp, layout.dp
     args.warmup_steps = args.num_steps // 10 if args.warmup_steps is None else args.warmup_steps
+    config = load_config(args)
+    layer_specs, tp_local_config = (load_partition_config(args.partition_config) if args.partition_config
+                                    else (gpt_neox_layer_specs(), []))
+    check_model_fits_tp(config, layout.tp, args.seq_length, custom_specs=bool(args.partition_config))
+    check_tp_local_config(config, tp_local_config, layout.tp)
+    with torch.device("meta"):  # shapes and names only: checks the specs before any weight is loaded
+        shapes_only = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+    plan = plan_partition(shapes_only, layer_specs, layout.tp)
+    if args.dry_run:
+        return dry_run(shapes_only, plan, layer_specs, layout, args)
     check_output_dir(args.output_dir)
     resume_path, resumed = find_checkpoint(args) if args.resume_from_checkpoint else (None, None)
-    config = load_config(args)
-    check_model_fits_tp(config, layout.tp, args.seq_length)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
     if layout.rank == 0 and layout.tp > local_world:
         print(f"warning: tp={layout.tp} spans more than one node ({local_world} ranks per node): "
@@ -968,10 +1219,9 @@ def main(argv=None):
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens, the model only {config.vocab_size} embeddings")
     check_data_size(blocks, layout, args)
 
-    layer_specs = gpt_neox_layer_specs()
-    with torch.device("meta"):  # shapes and names only: checks the specs before any weight is loaded
-        plan = plan_partition(AutoModelForCausalLM.from_config(config), layer_specs, layout.tp)
     model = build_model(args, config, DTYPES[args.precision])
+    probe = blocks["train"][0]["input_ids"][None, :VERIFY_TOKENS]  # the first training sequence
+    reference = unsharded_outputs(model, probe, device) if args.verify_tp and layout.rank == 0 else None
     n_params, n_non_embedding = sum(p.numel() for p in model.parameters()), non_embedding_params(model)
     flops_per_token = 6 * n_non_embedding + 12 * config.num_hidden_layers * config.hidden_size * args.seq_length
     ds_config = build_ds_config(args, layer_specs)
@@ -981,6 +1231,8 @@ def main(argv=None):
 
     engine = build_engine(model, args, layout, ds_config)
     check_partition(engine.module, plan)
+    global_counts = localize_config(engine.module.config, tp_local_config, layout.tp)
+    verified = verify_tp(engine, probe.to(device), reference, plan, layer_specs, layout, args) if args.verify_tp else None
     if resume_path:
         load_checkpoint(engine, resume_path, layout)
         log(layout, f"resumed from {resume_path} after step {resumed['step']}")
@@ -990,13 +1242,13 @@ def main(argv=None):
     export_dir = None
     if args.export_only or (args.num_steps > 0 and not stopped_by and not args.skip_export):
         export_dir = Path(args.output_dir) / "hf"
-        export_hf(engine, tokenizer, layout, export_dir)
+        export_hf(engine, tokenizer, layout, export_dir, global_counts)
         log(layout, f"exported the model (all TP shards gathered) to {export_dir}")
     results = {"args": vars(args), "layout": asdict(layout) | {"tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank},
                "model": {"parameters": n_params, "non_embedding_parameters": n_non_embedding,
                          "flops_per_token": flops_per_token},
                "train": history, "eval": evals, "throughput": throughput_summary(history),
-               "resumed_from": resumed and str(resume_path), "stopped_by": stopped_by,
+               "verify_tp": verified, "resumed_from": resumed and str(resume_path), "stopped_by": stopped_by,
                "export_dir": export_dir and str(export_dir),
                "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
                             "transformers": transformers.__version__, "datasets": datasets.__version__}}

@@ -49,6 +49,17 @@ def clip_in_fp64(model, max_norm):
     return norm
 
 
+def unshard(pieces, dim, shape):
+    """Undo the split: plain, the pieces follow each other; with a `shape` of blocks [b1, b2, ...] on dim,
+    each rank holds its slice of every block, so the blocks are put back one by one."""
+    if not shape or not isinstance(shape[dim], list):
+        return torch.cat(pieces, dim)
+    tp = len(pieces)
+    per_rank = [b // tp for b in shape[dim]]
+    split = [piece.split(per_rank, dim) for piece in pieces]
+    return torch.cat([torch.cat([split[r][b] for r in range(tp)], dim) for b in range(len(per_rank))], dim)
+
+
 def upstream_shape_specs(config):
     """The fused-QKV spec from the upstream example: treats the rows as [Q; K; V] blocks."""
     specs = S.gpt_neox_layer_specs()
@@ -73,19 +84,24 @@ def qkv_heads_held(engine, reference, config, layout):
 
 
 def run(args, layout, config, specs, optimizer_factory, dataset, device):
-    """optimizer_factory builds the optimizer of both models; None: compare step-0 logits only."""
+    """specs: (layer_specs, tp_local_config); optimizer_factory builds the optimizer of both models;
+    None: compare step-0 logits only."""
+    specs, local_counts = specs
+    config = copy.deepcopy(config)  # localize_config changes the model's config: keep the caller's intact
     model = S.build_model(args, config, S.DTYPES[args.precision])
     reference = copy.deepcopy(model).to(device)
     ds_config = S.build_ds_config(args, specs)
     ds_config["zero_allow_untested_optimizer"] = True  # ZeRO asks for this with SGD
     engine = S.build_engine(model, args, layout, ds_config, optimizer=optimizer_factory)
+    S.localize_config(engine.module.config, local_counts, layout.tp)
     probe = next(iter(dataset.iter(batch_size=2)))["input_ids"].to(device)
     result = {"step0_logits_max_diff": step0_logits_diff(engine, reference, probe)}
     if optimizer_factory is None:
         return result
-    held = [None] * layout.world_size
-    dist.all_gather_object(held, qkv_heads_held(engine, reference, config, layout))
-    result["qkv_rows_held_by_rank"] = held
+    if config.model_type == "gpt_neox":
+        held = [None] * layout.world_size
+        dist.all_gather_object(held, qkv_heads_held(engine, reference, config, layout))
+        result["qkv_rows_held_by_rank"] = held
 
     opt = optimizer_factory(reference.parameters())
     sched = S.warmup_cosine(args)(opt)
@@ -112,7 +128,9 @@ def run(args, layout, config, specs, optimizer_factory, dataset, device):
             max_weight_diff = max(max_weight_diff, (p - full[name]).abs().max().item())
         else:  # sharded: the TP ranks' pieces, put back together, equal the reference
             dim = 0 if p.shape[0] != full[name].shape[0] else 1
-            max_weight_diff = max(max_weight_diff, (torch.cat(gathered, dim) - full[name]).abs().max().item())
+            spec = S.matching_spec(specs, name.rsplit(".", 1)[0] + ".weight")
+            whole = unshard(gathered, dim, spec.get("shape") if spec else None)
+            max_weight_diff = max(max_weight_diff, (whole - full[name]).abs().max().item())
     flag = torch.tensor(float(identical), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     result.update(replicated_identical=bool(flag.item()), final_weights_max_diff=max_weight_diff)
@@ -120,25 +138,29 @@ def run(args, layout, config, specs, optimizer_factory, dataset, device):
 
 
 def main():
-    out_path = sys.argv[1]
+    """argv: OUT.json, then the script's arguments; --wrong_partition_config FILE (this worker's) names specs
+    expected to fail the step-0 check (default: the upstream fused-QKV `shape` spec for GPT-NeoX)."""
+    out_path, argv = sys.argv[1], sys.argv[2:]
+    wrong_file = argv.pop(argv.index("--wrong_partition_config") + 1) if "--wrong_partition_config" in argv else None
+    argv = [a for a in argv if a != "--wrong_partition_config"]
     args = S.parse_args(["--model_name", "builtin:tiny", "--precision", "fp32", "--seq_length", "32",
-                         "--num_steps", str(STEPS), "--warmup_steps", "2",
-                         "--learning_rate", "1e-2"] + sys.argv[2:])
+                         "--num_steps", str(STEPS), "--warmup_steps", "2", "--learning_rate", "1e-2"] + argv)
     layout = S.resolve_layout(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.tp_size, args.dp_size)
     args.tp_size, args.dp_size = layout.tp, layout.dp
     device = S.init_distributed(int(os.environ["LOCAL_RANK"]))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on GPUs too
     config = S.load_config(args)
     dataset = random_blocks(64, args.seq_length, config.vocab_size, seed=1)
-    specs = S.gpt_neox_layer_specs()
+    specs, local_counts = S.load_partition_config(args.partition_config) if args.partition_config else (S.gpt_neox_layer_specs(), [])
+    wrong = S.load_partition_config(wrong_file) if wrong_file else (upstream_shape_specs(config), [])
 
     sgd_args = copy.copy(args)
     sgd_args.max_grad_norm, sgd_args.learning_rate = 0.0, 0.5  # no clipping: it would hide a gradient-scale error
     sgd = lambda params: torch.optim.SGD(params, lr=sgd_args.learning_rate)  # noqa: E731
     results = {
-        "adamw": run(args, layout, config, specs, S.adamw(args), dataset, device),
-        "sgd": run(sgd_args, layout, config, specs, sgd, dataset, device),
-        "upstream_shape_spec": run(args, layout, config, upstream_shape_specs(config), None, dataset, device),
+        "adamw": run(args, layout, config, (specs, local_counts), S.adamw(args), dataset, device),
+        "sgd": run(sgd_args, layout, config, (specs, local_counts), sgd, dataset, device),
+        "wrong_specs": run(args, layout, config, wrong, None, dataset, device),
     }
     if layout.rank == 0:
         Path(out_path).write_text(json.dumps(results, indent=1))

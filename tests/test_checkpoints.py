@@ -151,9 +151,10 @@ def test_exported_model_evaluates_like_the_training_run(tmp_path, cache, uninter
     out, reference = uninterrupted
     assert reference["export_dir"] == str(out / "hf")
     proc, evaluated = run_script(nproc, tmp_path, cache, "--model_name", out / "hf", "--tp_size", tp,
-                                 "--precision", "fp32", "--seq_length", "64", "--num_steps", "0")
+                                 "--precision", "fp32", "--seq_length", "64", "--num_steps", "0", "--verify_tp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert abs(evaluated["eval"][0]["loss"] - reference["eval"][-1]["loss"]) < TOL
+    assert evaluated["verify_tp"]["worst_relative_diff"] < 1e-4  # a trained model, sharded again at this tp
 
 
 def test_resume_with_another_topology_is_refused(tmp_path, cache, uninterrupted):

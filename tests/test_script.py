@@ -33,8 +33,9 @@ def run_script(nproc, out, cache, *args):
 def test_trains_tp2_dp2_on_the_embedded_corpus(tmp_path, cache):
     proc, results = run_script(4, tmp_path, cache, "--tp_size", "2", "--dp_size", "2", "--precision", "fp32",
                                "--seq_length", "128", "--num_steps", "30", "--learning_rate", "3e-3",
-                               "--log_interval", "5", "--eval_interval", "15")
+                               "--log_interval", "5", "--eval_interval", "15", "--verify_tp")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert results["verify_tp"]["worst_relative_diff"] < 1e-4 and results["verify_tp"]["modules_compared"] > 10
     losses = [r["loss"] for r in results["train"]]
     assert [r["step"] for r in results["train"]] == [5, 10, 15, 20, 25, 30]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 1.0, losses

@@ -50,14 +50,14 @@ def test_layout_rejects_sizes_that_do_not_fill_the_world(world, tp, dp):
 
 def test_model_checks_name_the_flag():
     config = S.load_config(args_for("--model_name", "builtin:tiny"))  # 4 heads, MLP 256, 2048 positions
-    S.check_model_fits_tp(config, 4, 2048)
+    S.check_model_fits_tp(config, 4, 2048, False)
     with pytest.raises(S.UsageError, match="--tp_size 3 must divide the 4 attention heads"):
-        S.check_model_fits_tp(config, 3, 128)
+        S.check_model_fits_tp(config, 3, 128, False)
     config.intermediate_size = 250
     with pytest.raises(S.UsageError, match="--tp_size 4 must divide the MLP width 250"):
-        S.check_model_fits_tp(config, 4, 128)
+        S.check_model_fits_tp(config, 4, 128, False)
     with pytest.raises(S.UsageError, match="--seq_length 4096 exceeds the model's maximum of 2048"):
-        S.check_model_fits_tp(S.load_config(args_for("--model_name", "builtin:tiny")), 1, 4096)
+        S.check_model_fits_tp(S.load_config(args_for("--model_name", "builtin:tiny")), 1, 4096, False)
 
 
 # ---- partition specs ----------------------------------------------------------------------------

@@ -1,0 +1,158 @@
+"""Adapting the example to other models: specs from a JSON file, --dry_run, --verify_tp. CPU, fp32.
+
+  * tiny random Qwen2 (separate q/k/v with biases, gate/up, GQA) with partition_configs/llama.json, and
+    tiny random Phi-3 (fused qkv_proj = [Q; K; V], gate_up_proj = [gate; up]) with `shape` specs: each
+    trains at tp=2 with parity to its unsharded model (tests/parity_worker.py); a needless `shape` on
+    Qwen2's q_proj, and Phi-3's specs without `shape`, break parity;
+  * the script trains a tiny Llama from a spec file with --verify_tp; --verify_tp stops the run, naming the
+    fused QKV layer, when given the upstream `shape` spec for GPT-NeoX (it passes with the built-in specs at
+    tp=2 and tp=4 in test_script.py and test_checkpoints.py);
+  * --dry_run lists every Linear weight once with its shapes; spec-file errors name what to fix.
+
+Run: python -m pytest tests/test_adapt.py -q   (about a minute and a half on 2 cores)
+"""
+import json
+import re
+
+import pytest
+from transformers import LlamaConfig, Phi3Config, Qwen2Config
+
+import autotp_custom_patterns as S
+from test_parity import ROOT, check_parity, torchrun
+from test_script import error_line, run_script
+
+CONFIGS = ROOT / "partition_configs"
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=8192, max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def tiny_phi3_specs(with_shape=True):
+    """partition_configs/phi3_mini.json with the tiny model's sizes: q 4 heads x 16, k and v 2 x 16, MLP 128."""
+    specs = json.loads((CONFIGS / "phi3_mini.json").read_text())
+    specs["layer_specs"][0]["shape"] = [[64, 32, 32], -1]
+    specs["layer_specs"][2]["shape"] = [[128, 128], -1]
+    if not with_shape:
+        for spec in specs["layer_specs"]:
+            spec.pop("shape", None), spec.pop("partition_dim", None)
+    return specs
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    import os
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["HF_DATASETS_CACHE"] = str(path / "datasets")
+    return path
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+def test_other_architectures_train_with_parity(tmp_path, arch):
+    if arch == "qwen2":
+        Qwen2Config(**SMALL).save_pretrained(tmp_path / "model")
+        specs, wrong = CONFIGS / "llama.json", tmp_path / "wrong.json"
+        # q_proj cut as if it held two blocks: rank 0 gets q heads 0 and 2, which GQA pairs with kv heads 0, 1
+        wrong.write_text(json.dumps({"layer_specs": [
+            {"patterns": [r".*\.q_proj\.weight$"], "partition_type": "column", "shape": [[32, 32], -1], "partition_dim": 0},
+            *json.loads(specs.read_text())["layer_specs"]]}))
+    else:
+        Phi3Config(**SMALL, pad_token_id=0).save_pretrained(tmp_path / "model")
+        specs, wrong = tmp_path / "phi3.json", tmp_path / "no_shape.json"
+        specs.write_text(json.dumps(tiny_phi3_specs()))
+        wrong.write_text(json.dumps(tiny_phi3_specs(with_shape=False)))
+    out = tmp_path / "parity.json"
+    proc = torchrun(2, ROOT / "tests" / "parity_worker.py", out, "--tp_size", "2", "--model_name", tmp_path / "model",
+                    "--random_init", "--partition_config", specs, "--wrong_partition_config", wrong)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_parity(json.loads(out.read_text()))
+
+
+def test_script_trains_a_llama_from_a_spec_file_with_verify_tp(tmp_path, cache):
+    LlamaConfig(**SMALL).save_pretrained(tmp_path / "llama")
+    # a tokenizer for the model directory: the embedded text's BPE, as the built-in shapes get
+    raw = S.load_text(S.parse_args(["--cache_dir", str(cache)]))
+    S.train_bpe_tokenizer(raw["train"], "text", 8192, cache).save_pretrained(tmp_path / "llama")
+    proc, results = run_script(2, tmp_path / "out", cache, "--model_name", tmp_path / "llama", "--random_init",
+                               "--partition_config", CONFIGS / "llama.json", "--tp_size", "2", "--verify_tp",
+                               "--precision", "fp32", "--seq_length", "64", "--num_steps", "10",
+                               "--learning_rate", "3e-3", "--skip_export")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert results["verify_tp"]["worst_relative_diff"] < 1e-4 and results["verify_tp"]["modules_compared"] > 10
+    assert results["train"][-1]["loss"] < results["train"][0]["loss"]
+    assert "self_attn.q_proj.weight" in proc.stdout and "(32, 64)" in proc.stdout  # 64 -> 32 rows per rank
+
+
+def test_verify_tp_names_the_fused_qkv_when_the_upstream_shape_spec_is_used(tmp_path, cache):
+    specs = S.gpt_neox_layer_specs()
+    specs[0] = dict(specs[0], shape=[[64, 64, 64], -1], partition_dim=0)  # builtin:tiny: hidden 64
+    (tmp_path / "upstream.json").write_text(json.dumps({"layer_specs": specs}))
+    proc, _ = run_script(2, tmp_path, cache, "--tp_size", "2", "--verify_tp", "--precision", "fp32",
+                         "--seq_length", "64", "--partition_config", tmp_path / "upstream.json")
+    line = error_line(proc)
+    assert "--verify_tp: the sharded model differs" in line
+    assert "gpt_neox.layers.0.attention.query_key_value (column, shape=[[64, 64, 64], -1])" in line
+    assert "step     1" not in proc.stdout  # stopped before training
+
+
+def test_dry_run_lists_every_linear_weight_once(capsys):
+    report = S.main(["--dry_run", "--model_name", "builtin:tiny", "--tp_size", "2", "--dp_size", "2"])
+    rows = {r["weight"]: r for r in report["dry_run"]}
+    assert len(rows) == len(report["dry_run"]) == 2 * 4 + 1  # 2 layers x 4 Linears + lm_head
+    assert (rows["gpt_neox.layers.1.attention.query_key_value.weight"]["per_rank"],
+            rows["gpt_neox.layers.1.attention.dense.weight"]["per_rank"],
+            rows["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"]["per_rank"],
+            rows["gpt_neox.layers.0.mlp.dense_4h_to_h.weight"]["per_rank"]) == ((96, 64), (64, 32), (128, 64), (64, 128))
+    assert rows["lm_head.weight"]["type"] == "replicated" and rows["lm_head.weight"]["per_rank"] == (8192, 64)
+    assert any("lm_head.weight" in w for w in report["warnings"])
+    printed = capsys.readouterr().out
+    first_words = [line.split()[0] for line in printed.splitlines() if line.strip()]
+    assert all(first_words.count(name) == 1 for name in rows)  # one table row each
+    # by hand: per layer, the split tensors are QKV weight and bias, dense weight, h_to_4h weight and bias,
+    # 4h_to_h weight (the row biases are not split); each rank holds half of them and all the rest
+    total = sum(p.numel() for p in S.AutoModelForCausalLM.from_config(S.load_config(S.parse_args([
+        "--model_name", "builtin:tiny"]))).parameters())
+    split = 2 * (192 * 64 + 192 + 64 * 64 + 256 * 64 + 256 + 64 * 256)
+    local = total - split // 2
+    assert report["memory_per_rank_gib"]["weights"] == pytest.approx(local * 2 / 2 ** 30)  # bf16
+    assert report["memory_per_rank_gib"]["optimizer"] == pytest.approx(local * 12 / 2 / 2 ** 30)  # ZeRO-2, dp=2
+
+
+def test_dry_run_of_the_6_9b_shape_needs_no_weights():
+    report = S.main(["--dry_run", "--model_name", "builtin:pythia-6.9b", "--tp_size", "4", "--dp_size", "2"])
+    assert len(report["dry_run"]) == 32 * 4 + 1
+    assert report["memory_per_rank_gib"]["total"] < 80
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"layer_specs": [{"patterns": [".*dense"], "partition_typ": "row"}]}', r"unknown field\(s\) \['partition_typ'\]"),
+    ('{"layer_specs": [{"patterns": ["*.dense"]}]}', "pattern '\\*.dense' is not a valid regular expression"),
+    ('{"layer_specs": [{"patterns": [".*dense"], "partition_type": "diagonal"}]}', "'diagonal' is not one of column, row, skip"),
+    ('{"layer_specs": [{"patterns": [".*dense"], "shape": "3,-1"}]}', "shape 3,-1 must be a list"),
+    ('{"layer_specs": []}', "with at least one spec"),
+    ('{"specs": []}', "got keys \\['specs'\\]"),
+    ('{"layer_specs": [', "is not valid JSON"),
+])
+def test_spec_file_errors_name_what_to_fix(tmp_path, content, message):
+    (tmp_path / "specs.json").write_text(content)
+    with pytest.raises(S.UsageError, match=message):
+        S.load_partition_config(tmp_path / "specs.json")
+
+
+def test_spec_errors_found_on_the_model(tmp_path):
+    def dry_run_with(specs):
+        (tmp_path / "specs.json").write_text(json.dumps(specs))
+        return S.main(["--dry_run", "--tp_size", "2", "--partition_config", str(tmp_path / "specs.json")])
+
+    specs = S.gpt_neox_layer_specs()
+    specs[2] = dict(specs[2], patterns=[r".*\.mlp\.dense_h_to_4\.weight$"])  # typo
+    with pytest.raises(S.UsageError, match=re.escape(r"layer spec 2 ['.*\\.mlp\\.dense_h_to_4\\.weight$'] matches no Linear")):
+        dry_run_with(specs)
+    specs = S.gpt_neox_layer_specs()
+    specs[0] = dict(specs[0], shape=[[64, 64, 32], -1], partition_dim=0)  # adds up to 160, not 192
+    with pytest.raises(S.UsageError, match=r"shape \[\[64, 64, 32\], -1\] splits dim 0 into blocks \[64, 64, 32\], "
+                                           "which must add up to 192"):
+        dry_run_with(specs)
+    assert dry_run_with(S.gpt_neox_layer_specs())["dry_run"]  # the same file format, with the built-in specs
+
+
+def test_spec_file_of_the_repository_equals_the_built_in_specs():
+    assert S.load_partition_config(CONFIGS / "gpt_neox.json") == (S.gpt_neox_layer_specs(), [])
