@@ -129,7 +129,8 @@ def parse_args(argv=None):
     a("--text_column", default="text", help="column holding the text")
     a("--validation_split_percentage", type=float, default=5.0,
       help="documents held out for evaluation when there is no validation split or file")
-    a("--preprocessing_num_workers", type=int, default=None, help="processes for tokenization")
+    a("--preprocessing_num_workers", type=int, default=None,
+      help="processes for tokenization (default: half the cores, at most 8, for 8,000 documents or more)")
     a("--cache_dir", default=os.path.join(Path.home(), ".cache", "autotp_custom_patterns"),
       help="where the embedded corpus and trained tokenizers are kept")
     # optimisation
@@ -142,6 +143,9 @@ def parse_args(argv=None):
     a("--warmup_steps", type=int, default=None, help="linear warmup steps before cosine decay (default 10%%)")
     a("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm; 0 disables")
     a("--precision", default="bf16", choices=list(DTYPES), help="training dtype")
+    a("--compile", action="store_true", help="torch.compile the model (after AutoTP has sharded it)")
+    a("--activation_checkpointing", action="store_true",
+      help="recompute each layer's activations in the backward pass: less memory, ~30%% more compute")
     a("--seed", type=int, default=42, help="seed for weights, data order and tokenizer training")
     # reporting
     a("--log_interval", type=int, default=5, help="log every N steps (each log syncs the host)")
@@ -631,7 +635,10 @@ def prepare_data(args):
         if len(split) == 0:
             raise UsageError(f"the {name} data has no documents")
     tokenizer = load_tokenizer(args, raw)
-    blocks = pack_into_blocks(raw, tokenizer, args.seq_length, args.text_column, args.preprocessing_num_workers)
+    workers = args.preprocessing_num_workers
+    if workers is None and len(raw["train"]) >= 8000:  # worth starting processes for: half the cores, at most 8
+        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    blocks = pack_into_blocks(raw, tokenizer, args.seq_length, args.text_column, workers)
     return tokenizer, blocks.with_format("torch")
 
 
@@ -697,6 +704,8 @@ def build_model(args, config, dtype):
         model = AutoModelForCausalLM.from_pretrained(args.model_name, config=config, dtype=dtype,
                                                      trust_remote_code=args.trust_remote_code)
     model.config.use_cache = False
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -734,7 +743,9 @@ def adamw(args):
         params = list(params)
         param_groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
                         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+        # fused: one kernel for the whole update instead of a few per tensor list (GPU only)
+        fused = all(p.is_cuda for p in params)
+        return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
     return build
 
 
@@ -749,6 +760,8 @@ def build_engine(model, args, layout, ds_config, optimizer=None):
                                            optimizer=optimizer or adamw(args), lr_scheduler=warmup_cosine(args),
                                            mpu=BatchSizeMPU(layout) if layout.tp > 1 else None)
     check_groups(engine, layout)
+    if args.compile:
+        engine.compile()  # torch.compile of the sharded module; the first steps pay for the compilation
     return engine
 
 
@@ -1071,7 +1084,9 @@ def train(engine, blocks, layout, args, device, flops_per_token, resumed=None):
     step, the evaluations, and the name of the signal that stopped it early (or None)."""
     first = resumed["step"] + 1 if resumed else 1
     history, evals = (resumed["history"], resumed["evals"]) if resumed else ([], [])
-    batches = train_batches(blocks["train"], layout, args, device, skip=(first - 1) * args.gradient_accumulation_steps)
+    data_wait = [0.0]  # host seconds spent waiting for the next batch
+    batches = timed(train_batches(blocks["train"], layout, args, device, skip=(first - 1) * args.gradient_accumulation_steps),
+                    data_wait)
     tokens_per_step = args.batch_size * args.gradient_accumulation_steps * layout.dp * args.seq_length
     peak, stop = peak_flops(args, device), StopSignal()
     first_bad = torch.full((), math.inf, device=device)  # first step with a non-finite loss, kept on device
@@ -1088,7 +1103,8 @@ def train(engine, blocks, layout, args, device, flops_per_token, resumed=None):
             loss = dp_mean(loss, engine, layout)  # the host sync: all queued accelerator work finishes here
             elapsed = time.perf_counter() - window_start
             history.append(step_record(engine, step, loss, lr, elapsed / window_steps, tokens_per_step,
-                                       flops_per_token, peak, layout, device))
+                                       flops_per_token, peak, layout, device) | {"data_wait_fraction": data_wait[0] / elapsed})
+            data_wait[0] = 0.0
             log(layout, format_record(history[-1]))
             bar.set_postfix(loss=f"{loss:.3f}")
             window_start, window_steps = time.perf_counter(), 0
@@ -1110,6 +1126,15 @@ def train(engine, blocks, layout, args, device, flops_per_token, resumed=None):
     if args.num_steps == 0:
         evals.append(evaluate_and_log(engine, blocks["validation"], layout, args, device, 0))
     return history, evals, stop.received
+
+
+def timed(iterator, total):
+    """Yield from iterator, adding the time each next() takes to total[0]."""
+    while True:
+        start = time.perf_counter()
+        item = next(iterator)
+        total[0] += time.perf_counter() - start
+        yield item
 
 
 def check_finite(first_bad):
@@ -1244,10 +1269,13 @@ def main(argv=None):
         export_dir = Path(args.output_dir) / "hf"
         export_hf(engine, tokenizer, layout, export_dir, global_counts)
         log(layout, f"exported the model (all TP shards gathered) to {export_dir}")
+    host_peaks = [None] * layout.world_size  # peak resident memory of each rank's process
+    dist.all_gather_object(host_peaks, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
     results = {"args": vars(args), "layout": asdict(layout) | {"tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank},
                "model": {"parameters": n_params, "non_embedding_parameters": n_non_embedding,
                          "flops_per_token": flops_per_token},
                "train": history, "eval": evals, "throughput": throughput_summary(history),
+               "peak_host_memory_gib_per_rank": host_peaks,
                "verify_tp": verified, "resumed_from": resumed and str(resume_path), "stopped_by": stopped_by,
                "export_dir": export_dir and str(export_dir),
                "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
