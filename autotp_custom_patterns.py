@@ -754,10 +754,14 @@ def warmup_cosine(args):
         optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=max(args.num_steps, 1))
 
 
-def build_engine(model, args, layout, ds_config, optimizer=None):
+def build_engine(model, args, layout, ds_config, optimizer=None, train=True):
+    """train=False (evaluation only): no optimizer, so no fp32 master weights or optimizer state."""
+    if not train:
+        ds_config = {**ds_config, "zero_optimization": {"stage": 0}}
     # At tp=1 DeepSpeed builds no AutoTP groups and would take its DP group from the mpu; it needs none.
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
-                                           optimizer=optimizer or adamw(args), lr_scheduler=warmup_cosine(args),
+                                           optimizer=(optimizer or adamw(args)) if train else None,
+                                           lr_scheduler=warmup_cosine(args) if train else None,
                                            mpu=BatchSizeMPU(layout) if layout.tp > 1 else None)
     check_groups(engine, layout)
     if args.compile:
@@ -1254,7 +1258,8 @@ def main(argv=None):
         print(describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device), flush=True)
         print(partition_summary(plan, layer_specs, layout.tp), flush=True)
 
-    engine = build_engine(model, args, layout, ds_config)
+    evaluate_only = args.num_steps == 0 and not args.resume_from_checkpoint
+    engine = build_engine(model, args, layout, ds_config, train=not evaluate_only)
     check_partition(engine.module, plan)
     global_counts = localize_config(engine.module.config, tp_local_config, layout.tp)
     verified = verify_tp(engine, probe.to(device), reference, plan, layer_specs, layout, args) if args.verify_tp else None

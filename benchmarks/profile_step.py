@@ -1,0 +1,80 @@
+"""Where one training step's time goes, on one GPU: the script's engine (tp=1, its DeepSpeed config) and,
+for comparison, the plain PyTorch loop of bench_single_gpu.py. Phases are timed with the GPU synchronised
+around each; then torch.profiler lists the kernels that take the most GPU time.
+
+  python benchmarks/profile_step.py --shape pythia-1.4b --batch_size 4 --seq_length 2048 [script flags...]
+"""
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import autotp_custom_patterns as S  # noqa: E402
+
+
+def phases(fwd, bwd, opt, ids, steps=5):
+    totals = [0.0, 0.0, 0.0]
+    for _ in range(steps):
+        for i, phase in enumerate((lambda: fwd(ids), bwd, opt)):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            phase()
+            torch.cuda.synchronize()
+            totals[i] += time.perf_counter() - start
+    return [1000 * t / steps for t in totals]
+
+
+def main():
+    argv = sys.argv[1:]
+    shape = argv[argv.index("--shape") + 1] if "--shape" in argv else "pythia-1.4b"
+    argv = [a for i, a in enumerate(argv) if a != "--shape" and (i == 0 or argv[i - 1] != "--shape")]
+    args = S.parse_args(["--model_name", "builtin:" + shape, "--batch_size", "4", "--seq_length", "2048"] + argv)
+    args.tp_size, args.dp_size, args.warmup_steps = 1, 1, 0
+    layout = S.resolve_layout(0, 1, 1, 1)
+    device = S.init_distributed(0)
+    config = S.load_config(args)
+    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_length), device=device)
+    state = {}
+
+    # the script's engine
+    engine = S.build_engine(S.build_model(args, config, S.DTYPES[args.precision]), args, layout,
+                            S.build_ds_config(args, S.gpt_neox_layer_specs()))
+
+    def fwd(x):
+        state["loss"] = engine(input_ids=x, labels=x).loss
+
+    report("script", fwd, lambda: engine.backward(state["loss"]), engine.step, ids)
+    del engine
+    torch.cuda.empty_cache()
+
+    # the plain loop
+    model = S.AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def plain_fwd(x):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            state["loss"] = model(input_ids=x, labels=x).loss
+
+    def plain_opt():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    report("plain", plain_fwd, lambda: state["loss"].backward(), plain_opt, ids)
+
+
+def report(name, fwd, bwd, opt, ids):
+    phases(fwd, bwd, opt, ids, steps=3)  # warm-up
+    f, b, o = phases(fwd, bwd, opt, ids)
+    print(f"{name}: forward {f:.1f} ms, backward {b:.1f} ms, optimizer step {o:.1f} ms, total {f + b + o:.1f} ms", flush=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            fwd(ids), bwd(), opt()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
+
+
+if __name__ == "__main__":
+    main()
