@@ -874,7 +874,7 @@ POINTER = "latest"  # DeepSpeed's own name: engine.load_checkpoint(dir) follows 
 # The arguments that fix the topology, the model and the order of the data: a resumed run must match.
 RESUME_ARGS = ("model_name", "tp_size", "dp_size", "seq_length", "batch_size", "gradient_accumulation_steps",
                "zero_stage", "precision", "seed", "dataset_name", "dataset_config_name", "train_file",
-               "validation_file", "text_column", "validation_split_percentage", "tokenizer_name")
+               "validation_file", "text_column", "validation_split_percentage", "tokenizer_name", "partition_config")
 
 
 class Diverged(Exception):
@@ -1218,8 +1218,9 @@ def main(argv=None):
     args = parse_args(argv)
     args.model_name = args.model_name or default_model_name()
     check_args(args)
-    launched = "WORLD_SIZE" in os.environ  # a dry run may also be a plain `python` call describing tp x dp
-    world = int(os.environ["WORLD_SIZE"]) if launched else (args.tp_size or 1) * (args.dp_size or 1) if args.dry_run else 1
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.dry_run and "WORLD_SIZE" not in os.environ:  # a plain `python` call describing tp x dp ranks
+        world = (args.tp_size or 1) * (args.dp_size or 1)
     layout = resolve_layout(int(os.environ.get("RANK", 0)), world, args.tp_size, args.dp_size)
     args.tp_size, args.dp_size = layout.tp, layout.dp
     args.warmup_steps = args.num_steps // 10 if args.warmup_steps is None else args.warmup_steps
@@ -1253,6 +1254,7 @@ def main(argv=None):
     reference = unsharded_outputs(model, probe, device) if args.verify_tp and layout.rank == 0 else None
     n_params, n_non_embedding = sum(p.numel() for p in model.parameters()), non_embedding_params(model)
     flops_per_token = 6 * n_non_embedding + 12 * config.num_hidden_layers * config.hidden_size * args.seq_length
+    model_stats = {"parameters": n_params, "non_embedding_parameters": n_non_embedding, "flops_per_token": flops_per_token}
     ds_config = build_ds_config(args, layer_specs)
     if layout.rank == 0:
         print(describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device), flush=True)
@@ -1274,20 +1276,21 @@ def main(argv=None):
         export_dir = Path(args.output_dir) / "hf"
         export_hf(engine, tokenizer, layout, export_dir, global_counts)
         log(layout, f"exported the model (all TP shards gathered) to {export_dir}")
-    host_peaks = [None] * layout.world_size  # peak resident memory of each rank's process
-    dist.all_gather_object(host_peaks, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
-    results = {"args": vars(args), "layout": asdict(layout) | {"tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank},
-               "model": {"parameters": n_params, "non_embedding_parameters": n_non_embedding,
-                         "flops_per_token": flops_per_token},
-               "train": history, "eval": evals, "throughput": throughput_summary(history),
-               "peak_host_memory_gib_per_rank": host_peaks,
-               "verify_tp": verified, "resumed_from": resumed and str(resume_path), "stopped_by": stopped_by,
-               "export_dir": export_dir and str(export_dir),
-               "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                            "transformers": transformers.__version__, "datasets": datasets.__version__}}
+    results = collect_results(args, layout, model_stats, history, evals, verify_tp=verified, stopped_by=stopped_by,
+                              resumed_from=resumed and str(resume_path), export_dir=export_dir and str(export_dir))
     if layout.rank == 0:
         write_results(results, Path(args.output_dir))
     return results
+
+
+def collect_results(args, layout, model_stats, history, evals, **outcome):
+    host_peaks = [None] * layout.world_size  # peak resident memory of each rank's process
+    dist.all_gather_object(host_peaks, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    return {"args": vars(args), "layout": asdict(layout) | {"tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank},
+            "model": model_stats, "train": history, "eval": evals, "throughput": throughput_summary(history),
+            "peak_host_memory_gib_per_rank": host_peaks, **outcome,
+            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                         "transformers": transformers.__version__, "datasets": datasets.__version__}}
 
 
 def write_results(results, output_dir):
