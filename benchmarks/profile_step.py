@@ -3,7 +3,10 @@ for comparison, the plain PyTorch loop of bench_single_gpu.py. Phases are timed 
 around each; then torch.profiler lists the kernels that take the most GPU time.
 
   python benchmarks/profile_step.py --shape pythia-1.4b --batch_size 4 --seq_length 2048 [script flags...]
+      [--ds_json '{"zero_optimization": {...}}'  merged into the script's DeepSpeed config]
+      [--phases_only  the script's phases only: no kernel table, no plain loop]
 """
+import json
 import os
 import sys
 import time
@@ -29,8 +32,14 @@ def phases(fwd, bwd, opt, ids, steps=5):
 
 def main():
     argv = sys.argv[1:]
-    shape = argv[argv.index("--shape") + 1] if "--shape" in argv else "pythia-1.4b"
-    argv = [a for i, a in enumerate(argv) if a != "--shape" and (i == 0 or argv[i - 1] != "--shape")]
+    own = {"--shape": "pythia-1.4b", "--ds_json": "{}"}
+    for flag in own:
+        if flag in argv:
+            own[flag] = argv.pop(argv.index(flag) + 1)
+            argv.remove(flag)
+    phases_only = "--phases_only" in argv
+    argv = [a for a in argv if a != "--phases_only"]
+    shape = own["--shape"]
     args = S.parse_args(["--model_name", "builtin:" + shape, "--batch_size", "4", "--seq_length", "2048"] + argv)
     args.tp_size, args.dp_size, args.warmup_steps = 1, 1, 0
     layout = S.resolve_layout(0, 1, 1, 1)
@@ -40,13 +49,16 @@ def main():
     state = {}
 
     # the script's engine
-    engine = S.build_engine(S.build_model(args, config, S.DTYPES[args.precision]), args, layout,
-                            S.build_ds_config(args, S.gpt_neox_layer_specs()))
+    ds_config = merge(S.build_ds_config(args, S.gpt_neox_layer_specs()), json.loads(own["--ds_json"]))
+    engine = S.build_engine(S.build_model(args, config, S.DTYPES[args.precision]), args, layout, ds_config)
 
     def fwd(x):
         state["loss"] = engine(input_ids=x, labels=x).loss
 
-    report("script", fwd, lambda: engine.backward(state["loss"]), engine.step, ids)
+    report(f"script {' '.join(argv)} {own['--ds_json']}", fwd, lambda: engine.backward(state["loss"]), engine.step,
+           ids, table=not phases_only)
+    if phases_only:
+        return
     del engine
     torch.cuda.empty_cache()
 
@@ -65,10 +77,18 @@ def main():
     report("plain", plain_fwd, lambda: state["loss"].backward(), plain_opt, ids)
 
 
-def report(name, fwd, bwd, opt, ids):
+def merge(base, extra):
+    for key, value in extra.items():
+        base[key] = merge(dict(base.get(key, {})), value) if isinstance(value, dict) else value
+    return base
+
+
+def report(name, fwd, bwd, opt, ids, table=True):
     phases(fwd, bwd, opt, ids, steps=3)  # warm-up
     f, b, o = phases(fwd, bwd, opt, ids)
     print(f"{name}: forward {f:.1f} ms, backward {b:.1f} ms, optimizer step {o:.1f} ms, total {f + b + o:.1f} ms", flush=True)
+    if not table:
+        return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             fwd(ids), bwd(), opt()
