@@ -1307,8 +1307,13 @@ if __name__ == "__main__":
     except (UsageError, Diverged) as exc:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        # Every rank raised the same error: leave together, once rank 0 has said why (a rank that exits
+        # first makes torchrun kill the others, rank 0 too). Errors found before the process group
+        # exists get a small gloo group for this one barrier.
+        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
         if dist.is_initialized():
-            dist.barrier()  # every rank raised the same error: leave together, once rank 0 has said why
+            dist.barrier()
         sys.exit(2 if isinstance(exc, UsageError) else 3)
     finally:
         if dist.is_initialized():
