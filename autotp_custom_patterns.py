@@ -1280,6 +1280,7 @@ def main(argv=None):
                               resumed_from=resumed and str(resume_path), export_dir=export_dir and str(export_dir))
     if layout.rank == 0:
         write_results(results, Path(args.output_dir))
+    dist.barrier()  # leave together: a rank tearing down its process group while rank 0 still writes can abort it
     return results
 
 
