@@ -271,8 +271,8 @@ def check_spec_fields(i, spec):
             re.compile(pattern)
         except re.error as exc:
             raise UsageError(f"{where}: pattern {pattern!r} is not a valid regular expression ({exc})")
-    if spec.get("partition_type", "column") not in PARTITION_TYPES:
-        raise UsageError(f"{where}: partition_type {spec['partition_type']!r} is not one of {', '.join(PARTITION_TYPES)}")
+    if partition_type(spec) not in PARTITION_TYPES:
+        raise UsageError(f"{where}: partition_type {partition_type(spec)!r} is not one of {', '.join(PARTITION_TYPES)}")
     shape = spec.get("shape")
     if shape is not None and not (isinstance(shape, list) and all(
             isinstance(d, int) or (isinstance(d, list) and all(isinstance(x, int) and x > 0 for x in d)) for d in shape)):
@@ -297,14 +297,18 @@ def check_spec_shape(name, weight_shape, spec, tp):
                          f"which must add up to {weight_shape[dim]} and each divide by --tp_size {tp}")
 
 
+def partition_type(spec):
+    return spec.get("partition_type", "column")  # DeepSpeed's default when a spec leaves it out
+
+
 def spec_partition_dim(spec):
-    return spec.get("partition_dim", 0 if spec.get("partition_type", "column") == "column" else 1)
+    return spec.get("partition_dim", 0 if partition_type(spec) == "column" else 1)
 
 
 def expected_local_shape(global_shape, spec, tp):
     """Per-rank shape of a weight (or bias: 1-D) under `spec`: column splits dim 0, row splits dim 1;
     a row-parallel bias is not split (it is added once, after the all-reduce)."""
-    if spec is None or spec.get("partition_type", "column") == "skip":
+    if spec is None or partition_type(spec) == "skip":
         return tuple(global_shape)
     dim = spec_partition_dim(spec)
     if dim >= len(global_shape):
@@ -320,7 +324,7 @@ def plan_partition(model, specs, tp):
         if not isinstance(module, torch.nn.Linear):
             continue
         spec = matching_spec(specs, module_name + ".weight")
-        if spec is not None and spec.get("partition_type", "column") != "skip":
+        if spec is not None and partition_type(spec) != "skip":
             check_spec_shape(module_name + ".weight", module.weight.shape, spec, tp)
         for kind, param in module.named_parameters(recurse=False):
             index = None if spec is None else specs.index(spec)
@@ -353,7 +357,7 @@ def partition_summary(plan, specs, tp):
         if not names:
             continue
         _, global_shape, local_shape = plan[names[0]]
-        label = f"{spec['partition_type']:6s} {spec['patterns'][0]}" if spec else "replicated (no spec)"
+        label = f"{partition_type(spec):6s} {spec['patterns'][0]}" if spec else "replicated (no spec)"
         rows.append(f"  {label:55s} {len(names):4d} tensors, e.g. {names[0]} {global_shape} -> {local_shape}")
     return "\n".join(rows)
 
@@ -368,8 +372,9 @@ def dry_run(model, plan, specs, layout, args):
         local += math.prod(local_shape)
         if name in plan and name.endswith(".weight"):
             spec = specs[index] if index is not None else None
-            kind = spec.get("partition_type", "column") if spec else "replicated"
-            label = f"{index}: {spec['patterns'][0]}" + (f" shape={spec['shape']}" if spec.get("shape") else "") if spec else "-"
+            kind, label = ("replicated", "-") if spec is None else (partition_type(spec), f"{index}: {spec['patterns'][0]}")
+            if spec is not None and spec.get("shape"):
+                label += f" shape={spec['shape']}"
             rows.append({"weight": name, "spec": label, "type": kind, "global": global_shape, "per_rank": local_shape})
     memory = memory_per_rank_gib(local, layout, args)
     lines = [f"dry run: {args.model_name} ({total / 1e6:,.1f}M parameters), tp={layout.tp}, dp={layout.dp}, "
@@ -397,7 +402,6 @@ def memory_per_rank_gib(local_params, layout, args):
     parts = {"weights": local_params * width, "gradients": grads, "optimizer": optimizer}
     parts["total"] = sum(parts.values())
     return {k: v / 2 ** 30 for k, v in parts.items()}
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -864,7 +868,8 @@ def judge(reference, sharded, plan, specs, tolerance, precision):
 
 
 def describe_spec(spec):
-    return spec.get("partition_type", "column") + (f", shape={spec['shape']}" if spec.get("shape") else "")
+    return partition_type(spec) + (f", shape={spec['shape']}" if spec.get("shape") else "")
+
 
 # ------------------------------------------------------------------------------------------------
 # Checkpoints and export

@@ -132,6 +132,14 @@ def test_a_spec_that_matches_nothing_is_an_error():
         S.plan_partition(meta_model(), specs, 2)
 
 
+def test_a_spec_without_partition_type_is_column_as_in_deepspeed():
+    specs = S.gpt_neox_layer_specs()
+    del specs[0]["partition_type"]
+    plan = S.plan_partition(meta_model(), specs, 2)
+    assert plan["gpt_neox.layers.0.attention.query_key_value.weight"][2] == (96, 64)
+    assert "column .*\\.attention\\.query_key_value" in S.partition_summary(plan, specs, 2)
+
+
 def test_a_block_linear_left_unsharded_is_an_error():
     specs = S.gpt_neox_layer_specs()[:3]
     with pytest.raises(S.UsageError, match=r"no layer spec covers gpt_neox.layers.0.mlp.dense_4h_to_h"):
