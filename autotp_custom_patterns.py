@@ -1117,16 +1117,14 @@ def train(engine, blocks, layout, args, device, flops_per_token, resumed=None):
             log(layout, format_record(history[-1]))
             bar.set_postfix(loss=f"{loss:.3f}")
             window_start, window_steps = time.perf_counter(), 0
-        if step == args.num_steps or (args.eval_interval and step % args.eval_interval == 0):
-            eval_start = time.perf_counter()
-            evals.append(evaluate_and_log(engine, blocks["validation"], layout, args, device, step))
-            window_start += time.perf_counter() - eval_start  # keep evaluation out of the throughput
         stopping = stop.agreed()
+        pause_start = time.perf_counter()  # evaluation and checkpoints stay out of the throughput
+        if step == args.num_steps or (args.eval_interval and step % args.eval_interval == 0):
+            evals.append(evaluate_and_log(engine, blocks["validation"], layout, args, device, step))
         if stopping or (args.save_interval and (step % args.save_interval == 0 or step == args.num_steps)):
             check_finite(first_bad)  # never checkpoint a diverged model
-            path = save_checkpoint(engine, args, layout, step, history, evals)
-            window_start = time.perf_counter()
-            log(layout, f"saved checkpoint {path}")
+            log(layout, f"saved checkpoint {save_checkpoint(engine, args, layout, step, history, evals)}")
+        window_start += time.perf_counter() - pause_start
         if stopping:
             log(layout, f"received {stop.received}: stopped after step {step} with a checkpoint; continue "
                         "with --resume_from_checkpoint latest")
