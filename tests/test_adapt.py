@@ -37,14 +37,6 @@ def tiny_phi3_specs(with_shape=True):
     return specs
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    import os
-    path = tmp_path_factory.mktemp("cache")
-    os.environ["HF_DATASETS_CACHE"] = str(path / "datasets")
-    return path
-
-
 @pytest.mark.parametrize("arch", ["qwen2", "phi3"])
 def test_other_architectures_train_with_parity(tmp_path, arch):
     if arch == "qwen2":

@@ -31,13 +31,6 @@ RUN = ["--tp_size", "2", "--dp_size", "2", "--precision", "fp32", "--seq_length"
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    os.environ["HF_DATASETS_CACHE"] = str(path / "datasets")
-    return path
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("uninterrupted")
     proc, results = run_script(4, out, cache, *RUN)

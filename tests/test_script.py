@@ -17,14 +17,6 @@ from test_parity import ROOT, torchrun
 SCRIPT = ROOT / "autotp_custom_patterns.py"
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One tokenizer/dataset cache for the module: later launches reuse what the first one built."""
-    path = tmp_path_factory.mktemp("cache")
-    os.environ["HF_DATASETS_CACHE"] = str(path / "datasets")
-    return path
-
-
 def run_script(nproc, out, cache, *args):
     proc = torchrun(nproc, SCRIPT, "--output_dir", out, "--cache_dir", cache, *args)
     return proc, (json.loads((Path(out) / "results.json").read_text()) if proc.returncode == 0 else None)
