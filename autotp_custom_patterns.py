@@ -730,7 +730,10 @@ def build_ds_config(args, layer_specs):
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "gradient_clipping": args.max_grad_norm,  # DeepSpeed clips at 1.0 unless told otherwise
         "zero_optimization": {"stage": args.zero_stage},
-        "bf16": {"enabled": args.precision == "bf16"},
+        # DeepSpeed's bf16 overflow check tests every gradient and waits for the answer before each step
+        # (~60 ms a step for 1.4B on an H100). train() tracks the loss and the gradient norm on the device
+        # instead and stops the run at the first non-finite one, before any checkpoint is written.
+        "bf16": {"enabled": args.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": args.precision == "fp16", "initial_scale_power": 16},
         "tensor_parallel": {
             "autotp_size": args.tp_size,
@@ -1098,13 +1101,13 @@ def train(engine, blocks, layout, args, device, flops_per_token, resumed=None):
                     data_wait)
     tokens_per_step = args.batch_size * args.gradient_accumulation_steps * layout.dp * args.seq_length
     peak, stop = peak_flops(args, device), StopSignal()
-    first_bad = torch.full((), math.inf, device=device)  # first step with a non-finite loss, kept on device
+    first_bad = torch.full((), math.inf, device=device)  # first step with a non-finite loss/grad norm, on device
     bar = tqdm(total=args.num_steps, initial=first - 1, unit="step", disable=None if layout.rank == 0 else True)
     window_start, window_steps = time.perf_counter(), 0
     for step in range(first, args.num_steps + 1):
         lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside engine.step
         loss = train_step(engine, batches)
-        first_bad = torch.where(torch.isfinite(loss), first_bad, first_bad.clamp(max=step))
+        first_bad = mark_non_finite(first_bad, step, loss, engine.get_global_grad_norm())
         window_steps += 1
         bar.update()
         if step % args.log_interval == 0 or step == args.num_steps:
@@ -1144,12 +1147,23 @@ def timed(iterator, total):
         yield item
 
 
+def mark_non_finite(first_bad, step, loss, grad_norm):
+    """first_bad becomes step if this step's loss or gradient norm is not finite; no host sync. The
+    norm is DeepSpeed's (a device tensor, a float or None); with its bf16 overflow check off, a
+    non-finite gradient reaches the weights, so the run must stop here rather than at the next loss."""
+    finite = torch.isfinite(loss)
+    if grad_norm is not None:
+        finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
+    return torch.where(finite, first_bad, first_bad.clamp(max=step))
+
+
 def check_finite(first_bad):
-    """Stop every rank at the first non-finite loss of any rank. Syncs the host."""
+    """Stop every rank at the first step where any rank's loss or gradient norm was not finite. Syncs
+    the host."""
     first_bad = first_bad.clone()
     dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
     if math.isfinite(first_bad.item()):
-        raise Diverged(f"the loss is not finite at step {int(first_bad.item())}: lower --learning_rate, "
+        raise Diverged(f"the loss or gradient norm is not finite at step {int(first_bad.item())}: lower --learning_rate, "
                        "try --precision fp32, or resume from the last checkpoint (none is written after this)")
 
 

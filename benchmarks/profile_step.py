@@ -3,9 +3,12 @@ for comparison, the plain PyTorch loop of bench_single_gpu.py. Phases are timed 
 around each; then torch.profiler lists the kernels that take the most GPU time.
 
   python benchmarks/profile_step.py --shape pythia-1.4b --batch_size 4 --seq_length 2048 [script flags...]
-      [--ds_json '{"zero_optimization": {...}}'  merged into the script's DeepSpeed config]
+      [--ds_json '{"zero_optimization": {...}}'  merged into the script's DeepSpeed config; a JSON list
+                 of such objects times each variant in turn, in one process]
       [--phases_only  the script's phases only: no kernel table, no plain loop]
+      [--host_profile  also list where engine.step spends host time (cProfile, top functions)]
 """
+import gc
 import json
 import os
 import sys
@@ -38,7 +41,8 @@ def main():
             own[flag] = argv.pop(argv.index(flag) + 1)
             argv.remove(flag)
     phases_only = "--phases_only" in argv
-    argv = [a for a in argv if a != "--phases_only"]
+    host_profile = "--host_profile" in argv
+    argv = [a for a in argv if a not in ("--phases_only", "--host_profile")]
     shape = own["--shape"]
     args = S.parse_args(["--model_name", "builtin:" + shape, "--batch_size", "4", "--seq_length", "2048"] + argv)
     args.tp_size, args.dp_size, args.warmup_steps = 1, 1, 0
@@ -48,19 +52,27 @@ def main():
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_length), device=device)
     state = {}
 
-    # the script's engine
-    ds_config = merge(S.build_ds_config(args, S.gpt_neox_layer_specs()), json.loads(own["--ds_json"]))
-    engine = S.build_engine(S.build_model(args, config, S.DTYPES[args.precision]), args, layout, ds_config)
+    # the script's engine, once per DeepSpeed variant
+    variants = json.loads(own["--ds_json"])
+    for variant in variants if isinstance(variants, list) else [variants]:
+        ds_config = merge(S.build_ds_config(args, S.gpt_neox_layer_specs()), variant)
+        engine = S.build_engine(S.build_model(args, config, S.DTYPES[args.precision]), args, layout, ds_config)
 
-    def fwd(x):
-        state["loss"] = engine(input_ids=x, labels=x).loss
+        def fwd(x):
+            state["loss"] = engine(input_ids=x, labels=x).loss
 
-    report(f"script {' '.join(argv)} {own['--ds_json']}", fwd, lambda: engine.backward(state["loss"]), engine.step,
-           ids, table=not phases_only)
+        report(f"script {' '.join(argv)} {json.dumps(variant)}", fwd, lambda: engine.backward(state["loss"]),
+               engine.step, ids, table=not phases_only)
+        if host_profile:
+            profile_host(fwd, lambda: engine.backward(state["loss"]), engine.step, ids)
+        engine.destroy()
+        del engine, fwd
+        state.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"after the variant: {torch.cuda.memory_allocated() / 2**30:.1f} GiB still allocated", flush=True)
     if phases_only:
         return
-    del engine
-    torch.cuda.empty_cache()
 
     # the plain loop
     model = S.AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
@@ -81,6 +93,21 @@ def merge(base, extra):
     for key, value in extra.items():
         base[key] = merge(dict(base.get(key, {})), value) if isinstance(value, dict) else value
     return base
+
+
+def profile_host(fwd, bwd, opt, ids, steps=3):
+    """Host time of the optimizer step by Python function: where the GPU waits on the CPU."""
+    import cProfile
+    import pstats
+    profiler = cProfile.Profile()
+    for _ in range(steps):
+        fwd(ids), bwd()
+        torch.cuda.synchronize()
+        profiler.enable()
+        opt()
+        torch.cuda.synchronize()
+        profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
 
 
 def report(name, fwd, bwd, opt, ids, table=True):

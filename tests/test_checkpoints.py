@@ -163,7 +163,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache
     proc, _ = run_script(2, tmp_path, cache, "--tp_size", "2", "--precision", "fp32", "--seq_length", "64",
                          "--num_steps", "10", "--learning_rate", "1e30", "--save_interval", "1", "--log_interval", "5")
     line = error_line(proc)
-    assert "the loss is not finite at step" in line and "exitcode  : 3" in proc.stderr
+    assert "the loss or gradient norm is not finite at step" in line and "exitcode  : 3" in proc.stderr
     bad_step = int(line.split("at step ")[1].split(":")[0])
     assert 1 < bad_step <= 10
     assert pointer(tmp_path) == f"step_{bad_step - 1:07d}"

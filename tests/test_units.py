@@ -247,6 +247,20 @@ def test_ds_config_turns_on_autotp_from_the_config_alone():
     assert config["gradient_clipping"] == 0.5
     assert config["fp16"]["enabled"] and not config["bf16"]["enabled"]
     assert S.parse_args([]).zero_stage == 2  # ZeRO-2 by default
+    assert config["bf16"] == {"enabled": False, "check_grad_overflow": False}  # train() checks instead
+
+
+def test_the_first_non_finite_step_is_kept_on_the_device():
+    inf, nan, ok = float("inf"), float("nan"), torch.tensor(2.5)
+    first_bad = torch.tensor(inf)
+    first_bad = S.mark_non_finite(first_bad, 1, ok, torch.tensor(0.7))
+    first_bad = S.mark_non_finite(first_bad, 2, ok, None)  # no norm computed: the loss alone decides
+    assert first_bad.item() == inf
+    first_bad = S.mark_non_finite(first_bad, 3, ok, inf)  # finite loss, infinite gradient norm
+    assert first_bad.item() == 3
+    first_bad = S.mark_non_finite(first_bad, 4, torch.tensor(nan), torch.tensor(nan))
+    assert first_bad.item() == 3  # the first bad step stays
+    assert S.mark_non_finite(torch.tensor(inf), 5, torch.tensor(nan), 1.0).item() == 5
 
 
 # ---- resume and checkpoints ----------------------------------------------------------------------
