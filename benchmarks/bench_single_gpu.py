@@ -146,9 +146,13 @@ def main():
     Path(args.out).write_text(json.dumps({"meta": meta, "runs": table}, indent=2))
     print(f"\n{name}, {args.shape}, micro-batch {args.batch_size} x {args.seq_length} tokens, {args.steps} timed steps")
     print(f"{'run':10s} {'tokens/s':>10s} {'MFU':>6s} {'step ms':>8s} {'peak GiB':>9s} {'vs plain':>9s} {'vs naive DS':>12s}")
+    def ratio(run, other, width):  # 1.00 against itself, a dash when that baseline did not run
+        value = 1.0 if run == other else table[run].get(f"speed_vs_{other}")
+        return f"{'-':>{width}s}" if value is None else f"{value:{width}.2f}"
+
     for run, r in table.items():
         print(f"{run:10s} {r['tokens_per_s']:10,.0f} {100 * r['mfu']:5.1f}% {1000 * r['step_time_s']:8.0f} "
-              f"{r['peak_memory_gib']:9.1f} {r.get('speed_vs_plain', 1):9.2f} {r.get('speed_vs_naive_ds', 1):12.2f}")
+              f"{r['peak_memory_gib']:9.1f} {ratio(run, 'plain', 9)} {ratio(run, 'naive_ds', 12)}")
 
 
 if __name__ == "__main__":
