@@ -106,7 +106,8 @@ def run_script(args, out_dir):
     n = sum(r["step"] - p["step"] for p, r in zip(results["train"], results["train"][1:]) if r["step"] > args.warmup)
     elapsed = sum((r["step"] - p["step"]) * r["step_time_s"] for p, r in zip(results["train"], results["train"][1:])
                   if r["step"] > args.warmup)
-    tokens_per_step = args.batch_size * args.seq_length
+    # one optimizer step: --gradient_accumulation_steps micro-batches when given in --script_args
+    tokens_per_step = args.batch_size * args.seq_length * results["args"]["gradient_accumulation_steps"]
     return {"tokens_per_s": n * tokens_per_step / elapsed, "step_time_s": elapsed / n,
             "peak_memory_gib": max(r["peak_memory_gib"] for r in results["train"]),
             "flops_per_token": results["model"]["flops_per_token"], "windows": len(timed),
