@@ -1107,7 +1107,7 @@ def train(engine, blocks, layout, args, device, flops_per_token, resumed=None):
     for step in range(first, args.num_steps + 1):
         lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside engine.step
         loss = train_step(engine, batches)
-        first_bad = mark_non_finite(first_bad, step, loss, engine.get_global_grad_norm())
+        first_bad = mark_non_finite(first_bad, step, loss, applied_grad_norm(engine))
         window_steps += 1
         bar.update()
         if step % args.log_interval == 0 or step == args.num_steps:
@@ -1147,10 +1147,17 @@ def timed(iterator, total):
         yield item
 
 
+def applied_grad_norm(engine):
+    """The gradient norm of the step just taken, or None when DeepSpeed skipped it (an fp16 loss-scale
+    overflow: its norm is infinite by design and no weight changed, so it is no divergence)."""
+    return engine.get_global_grad_norm() if engine.was_step_applied() else None
+
+
 def mark_non_finite(first_bad, step, loss, grad_norm):
     """first_bad becomes step if this step's loss or gradient norm is not finite; no host sync. The
-    norm is DeepSpeed's (a device tensor, a float or None); with its bf16 overflow check off, a
-    non-finite gradient reaches the weights, so the run must stop here rather than at the next loss."""
+    norm is DeepSpeed's (a device tensor, a float, or None: not computed, or the step was skipped); with
+    its bf16 overflow check off, a non-finite gradient reaches the weights, so the run must stop here
+    rather than at the next loss."""
     finite = torch.isfinite(loss)
     if grad_norm is not None:
         finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
