@@ -61,12 +61,14 @@ def main():
         def fwd(x):
             state["loss"] = engine(input_ids=x, labels=x).loss
 
-        report(f"script {' '.join(argv)} {json.dumps(variant)}", fwd, lambda: engine.backward(state["loss"]),
-               engine.step, ids, table=not phases_only)
+        def bwd():
+            engine.backward(state["loss"])
+
+        report(f"script {' '.join(argv)} {json.dumps(variant)}", fwd, bwd, engine.step, ids, table=not phases_only)
         if host_profile:
-            profile_host(fwd, lambda: engine.backward(state["loss"]), engine.step, ids)
+            profile_host(fwd, bwd, engine.step, ids)
         engine.destroy()
-        del engine, fwd
+        del engine, fwd, bwd
         state.clear()
         gc.collect()
         torch.cuda.empty_cache()
