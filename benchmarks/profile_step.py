@@ -7,6 +7,9 @@ around each; then torch.profiler lists the kernels that take the most GPU time.
                  of such objects times each variant in turn, in one process]
       [--phases_only  the script's phases only: no kernel table, no plain loop]
       [--host_profile  also list where engine.step spends host time (cProfile, top functions)]
+      [--compile_whole  torch.compile the whole module (DeepSpeed's engine.compile) instead of the script's
+                 --compile, which compiles each block and the loss]
+      [--kernel_groups  GPU time of forward+backward by kernel kind: matmul, attention, cross-entropy, other]
 """
 import gc
 import json
@@ -42,7 +45,8 @@ def main():
             argv.remove(flag)
     phases_only = "--phases_only" in argv
     host_profile = "--host_profile" in argv
-    argv = [a for a in argv if a not in ("--phases_only", "--host_profile")]
+    groups, whole = "--kernel_groups" in argv, "--compile_whole" in argv
+    argv = [a for a in argv if a not in ("--phases_only", "--host_profile", "--kernel_groups", "--compile_whole")]
     shape = own["--shape"]
     args = S.parse_args(["--model_name", "builtin:" + shape, "--batch_size", "4", "--seq_length", "2048"] + argv)
     args.tp_size, args.dp_size, args.warmup_steps = 1, 1, 0
@@ -58,6 +62,11 @@ def main():
         ds_config = merge(S.build_ds_config(args, S.gpt_neox_layer_specs()), variant)
         engine = S.build_engine(S.build_model(args, config, S.DTYPES[args.precision]), args, layout, ds_config)
 
+        if whole:
+            engine.compile()  # the whole module, for comparison with the script's --compile
+        elif args.compile:
+            S.compile_blocks(engine.module)
+
         def fwd(x):
             state["loss"] = engine(input_ids=x, labels=x).loss
 
@@ -67,6 +76,8 @@ def main():
         report(f"script {' '.join(argv)} {json.dumps(variant)}", fwd, bwd, engine.step, ids, table=not phases_only)
         if host_profile:
             profile_host(fwd, bwd, engine.step, ids)
+        if groups:
+            kernel_groups(fwd, bwd, engine.step, ids)
         engine.destroy()
         del engine, fwd, bwd
         state.clear()
@@ -89,6 +100,35 @@ def main():
         optimizer.zero_grad(set_to_none=True)
 
     report("plain", plain_fwd, lambda: state["loss"].backward(), plain_opt, ids)
+
+
+GROUPS = [("attention", ("flash", "fmha", "sdpa", "attention")), ("matmul", ("gemm", "nvjet", "xmma", "cutlass")),
+          ("cross-entropy", ("softmax", "nll_loss", "cross_entropy"))]
+
+
+def kernel_groups(fwd, bwd, opt, ids, steps=2):
+    """GPU time of the forward and backward alone, summed by kernel kind, per step; then the operators
+    that launched the most GPU time (which one a copy comes from, say)."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            fwd(ids), bwd()
+        torch.cuda.synchronize()
+    opt()
+    sums, names = {}, {}
+    for evt in prof.key_averages():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        kind = next((g for g, keys in GROUPS if any(k in evt.key.lower() for k in keys)), "other")
+        sums[kind] = sums.get(kind, 0) + us / 1000 / steps
+        names.setdefault(kind, []).append((us / 1000 / steps, evt.key[:110]))
+    print("forward+backward GPU time by kind, per step: " + ", ".join(f"{k} {v:.1f} ms" for k, v in sums.items())
+          + f", total {sum(sums.values()):.1f} ms", flush=True)
+    for kind in ("matmul", "attention", "cross-entropy", "other"):
+        for ms, name in sorted(names.get(kind, []), reverse=True)[:12 if kind == "other" else 6]:
+            print(f"  {kind:13s} {ms:7.2f} ms  {name}", flush=True)
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=45, max_name_column_width=70), flush=True)
 
 
 def merge(base, extra):

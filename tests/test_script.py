@@ -71,6 +71,24 @@ def error_line(proc):
     return lines[0]
 
 
+def test_compiled_blocks_train_as_the_eager_model_does(tmp_path, cache):
+    """--compile (each block and the loss through torch.compile, tp=2, AutoTP's collectives inside the
+    blocks) against the same run uncompiled: in fp32 every logged loss and gradient norm agrees."""
+    common = ("--tp_size", "2", "--dp_size", "1", "--precision", "fp32", "--seq_length", "128", "--num_steps", "6",
+              "--log_interval", "1", "--eval_interval", "6", "--skip_export")
+    runs = [run_script(2, tmp_path / name, cache, *common, *extra) for name, extra in (("eager", ()),
+                                                                                      ("compiled", ("--compile",)))]
+    for proc, _ in runs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    (_, eager), (_, compiled) = runs
+    assert "torch.compile: 2 GPTNeoXLayer blocks and the loss" in runs[1][0].stdout
+    assert "torch.compile" not in runs[0][0].stdout
+    for key in ("loss", "grad_norm"):
+        want, got = [r[key] for r in eager["train"]], [r[key] for r in compiled["train"]]
+        assert len(got) == 6 and got == pytest.approx(want, rel=1e-5), key
+    assert compiled["eval"][-1]["loss"] == pytest.approx(eager["eval"][-1]["loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("nproc,args,message", [
     (2, ["--tp_size", "2", "--dp_size", "2"], "--tp_size x --dp_size must equal the number of processes (2)"),
     (3, ["--tp_size", "3"], "--tp_size 3 must divide the 4 attention heads"),

@@ -125,6 +125,13 @@ def test_plan_shards_every_block_linear(name, tp):
     assert len(plan) == layers * len(expected) + 1
 
 
+def test_compile_finds_every_transformer_block_or_says_to_leave_it_out():
+    model = meta_model("builtin:tiny")
+    assert S.repeated_blocks(model) == list(model.gpt_neox.layers)  # each block, nothing else
+    with pytest.raises(S.UsageError, match="Sequential names no repeated blocks .*leave out --compile"):
+        S.repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
 def test_a_spec_that_matches_nothing_is_an_error():
     specs = S.gpt_neox_layer_specs()
     specs[1] = dict(specs[1], patterns=[r".*\.attention\.dence\.weight$"])
