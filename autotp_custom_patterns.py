@@ -788,10 +788,11 @@ def repeated_blocks(model):
 
 
 def compile_blocks(model):
-    """torch.compile each transformer block and the loss, not the whole model. Compiled whole,
-    transformers builds an explicit causal mask (under tracing it cannot tell that none is needed; torch
-    < 2.14) and attention falls to a slower kernel: 3x slower on an H100. Identical blocks share one
-    compiled graph, so compiling costs about one block's time."""
+    """torch.compile each transformer block and the loss, not the whole model. Compiled whole (torch 2.11,
+    transformers 5.17), the model hands attention an explicit causal mask instead of none, and the cuDNN
+    attention kernels ran 3x slower on an H100 (82 ms a step instead of 26, Pythia-1.4B), more than the
+    fusion saved (benchmarks/compile_mask_check.py). Identical blocks share one compiled graph, so
+    compiling costs about one block's time."""
     blocks = repeated_blocks(model)
     for block in blocks:
         block.compile()  # in place: parameter names, hooks and checkpoints stay as they were
