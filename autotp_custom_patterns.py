@@ -143,9 +143,9 @@ def parse_args(argv=None):
     a("--warmup_steps", type=int, default=None, help="linear warmup steps before cosine decay (default 10%%)")
     a("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm; 0 disables")
     a("--precision", default="bf16", choices=list(DTYPES), help="training dtype")
-    a("--compile", action="store_true",
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile each transformer block and the loss (after AutoTP has sharded them): faster steps "
-           "once the first ones have paid for the compilation")
+           "once the first one has paid for the compilation. Default: on with CUDA GPUs, off on CPU")
     a("--activation_checkpointing", action="store_true",
       help="recompute each layer's activations in the backward pass: less memory, ~30%% more compute")
     a("--seed", type=int, default=42, help="seed for weights, data order and tokenizer training")
@@ -777,14 +777,22 @@ def build_engine(model, args, layout, ds_config, optimizer=None, train=True):
 
 
 def repeated_blocks(model):
-    """The blocks --compile compiles one by one: the classes transformers lists in _no_split_modules
-    (GPTNeoXLayer). Checked on the shapes-only model, before any weight is loaded."""
+    """The blocks that --compile compiles one by one: the classes transformers lists in _no_split_modules
+    (GPTNeoXLayer)."""
     kinds = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in kinds]
-    if not blocks:
+    return [m for m in model.modules() if type(m).__name__ in kinds]
+
+
+def decide_compile(args, model):
+    """--compile / --no-compile as given; by default on with CUDA GPUs, where it was measured faster, and
+    off on CPU, where compiling takes longer than a short run saves and needs a C++ compiler. Checked on
+    the shapes-only model, before any weight is loaded."""
+    if args.compile is None:
+        return get_accelerator().device_name() == "cuda" and bool(repeated_blocks(model))
+    if args.compile and not repeated_blocks(model):
         raise UsageError(f"--compile: {type(model).__name__} names no repeated blocks (_no_split_modules); "
-                         "leave out --compile")
-    return blocks
+                         "use --no-compile")
+    return args.compile
 
 
 def compile_blocks(model):
@@ -1280,8 +1288,7 @@ def main(argv=None):
     with torch.device("meta"):  # shapes and names only: checks the specs before any weight is loaded
         shapes_only = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
     plan = plan_partition(shapes_only, layer_specs, layout.tp)
-    if args.compile:
-        repeated_blocks(shapes_only)
+    args.compile = decide_compile(args, shapes_only)
     if args.dry_run:
         return dry_run(shapes_only, plan, layer_specs, layout, args)
     check_output_dir(args.output_dir)

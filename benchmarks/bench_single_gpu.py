@@ -10,7 +10,7 @@ text). Warm-up steps are excluded; the GPU is synchronised before each clock rea
 formula: (6 N_non-embedding + 12 L H S) tokens/s / peak.
 
   python benchmarks/bench_single_gpu.py --shape pythia-1.4b --batch_size 4 --seq_length 2048 \
-      --out results/bench.json [--script_args --compile]
+      --out results/bench.json [--script_args --no-compile]
 """
 import argparse
 import json

@@ -1,6 +1,7 @@
 """Where one training step's time goes, on one GPU: the script's engine (tp=1, its DeepSpeed config) and,
 for comparison, the plain PyTorch loop of bench_single_gpu.py. Phases are timed with the GPU synchronised
-around each; then torch.profiler lists the kernels that take the most GPU time.
+around each; then torch.profiler lists the kernels that take the most GPU time. The model runs eagerly
+unless --compile is given (the script itself compiles by default on GPUs).
 
   python benchmarks/profile_step.py --shape pythia-1.4b --batch_size 4 --seq_length 2048 [script flags...]
       [--ds_json '{"zero_optimization": {...}}'  merged into the script's DeepSpeed config; a JSON list

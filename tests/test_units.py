@@ -125,11 +125,17 @@ def test_plan_shards_every_block_linear(name, tp):
     assert len(plan) == layers * len(expected) + 1
 
 
-def test_compile_finds_every_transformer_block_or_says_to_leave_it_out():
-    model = meta_model("builtin:tiny")
+def test_compile_is_on_by_default_only_with_cuda_and_only_for_named_blocks(monkeypatch):
+    model, other = meta_model("builtin:tiny"), torch.nn.Sequential(torch.nn.Linear(2, 2))
     assert S.repeated_blocks(model) == list(model.gpt_neox.layers)  # each block, nothing else
-    with pytest.raises(S.UsageError, match="Sequential names no repeated blocks .*leave out --compile"):
-        S.repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    decide = lambda flag, m: S.decide_compile(args_for(*flag), m)  # noqa: E731
+    assert decide([], model) is False  # this machine: DeepSpeed's CPU accelerator
+    assert decide(["--compile"], model) is True and decide(["--no-compile"], model) is False
+    with pytest.raises(S.UsageError, match="Sequential names no repeated blocks .*use --no-compile"):
+        decide(["--compile"], other)
+    monkeypatch.setattr(S, "get_accelerator", lambda: argparse.Namespace(device_name=lambda: "cuda"))
+    assert decide([], model) is True and decide([], other) is False  # a model without named blocks runs eager
+    assert decide(["--no-compile"], model) is False
 
 
 def test_a_spec_that_matches_nothing_is_an_error():
