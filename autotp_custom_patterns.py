@@ -9,7 +9,9 @@ What this script shows, in the order the code runs:
   3. a DP-rank-aware sampler: the ranks of one TP group read identical batches, DP ranks disjoint ones;
   4. checks that the sharding really happened (AutoTP leaves an unmatched layer replicated, silently);
   5. other models: --partition_config FILE.json (your specs), --dry_run (the plan and memory per rank,
-     no GPU), --verify_tp (sharded vs unsharded, module by module, before training).
+     no GPU), --verify_tp (sharded vs unsharded, module by module, before training);
+  6. on GPUs, torch.compile of each sharded transformer block and of the loss (`compile_blocks`; 1.2x a
+     plain PyTorch loop on one H100, README "Performance"; --no-compile to run eagerly).
 
 Rank layout. DeepSpeed puts consecutive ranks in one TP group: tp_rank = rank % tp, dp_rank = rank // tp.
 With tp=2, dp=2 (4 ranks):

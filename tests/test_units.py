@@ -128,14 +128,16 @@ def test_plan_shards_every_block_linear(name, tp):
 def test_compile_is_on_by_default_only_with_cuda_and_only_for_named_blocks(monkeypatch):
     model, other = meta_model("builtin:tiny"), torch.nn.Sequential(torch.nn.Linear(2, 2))
     assert S.repeated_blocks(model) == list(model.gpt_neox.layers)  # each block, nothing else
-    decide = lambda flag, m: S.decide_compile(args_for(*flag), m)  # noqa: E731
-    assert decide([], model) is False  # this machine: DeepSpeed's CPU accelerator
-    assert decide(["--compile"], model) is True and decide(["--no-compile"], model) is False
+
+    def decide(accelerator, flags, m):
+        monkeypatch.setattr(S, "get_accelerator", lambda: argparse.Namespace(device_name=lambda: accelerator))
+        return S.decide_compile(args_for(*flags), m)
+
+    assert decide("cpu", [], model) is False and decide("cpu", ["--compile"], model) is True
+    assert decide("cuda", [], model) is True and decide("cuda", ["--no-compile"], model) is False
+    assert decide("cuda", [], other) is False  # a model without named blocks runs eagerly
     with pytest.raises(S.UsageError, match="Sequential names no repeated blocks .*use --no-compile"):
-        decide(["--compile"], other)
-    monkeypatch.setattr(S, "get_accelerator", lambda: argparse.Namespace(device_name=lambda: "cuda"))
-    assert decide([], model) is True and decide([], other) is False  # a model without named blocks runs eager
-    assert decide(["--no-compile"], model) is False
+        decide("cuda", ["--compile"], other)
 
 
 def test_a_spec_that_matches_nothing_is_an_error():
