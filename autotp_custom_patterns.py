@@ -789,9 +789,10 @@ def decide_compile(args, model):
     """--compile / --no-compile as given; by default on with CUDA GPUs, where it was measured faster, and
     off on CPU, where compiling takes longer than a short run saves and needs a C++ compiler. Checked on
     the shapes-only model, before any weight is loaded."""
+    blocks = repeated_blocks(model)
     if args.compile is None:
-        return get_accelerator().device_name() == "cuda" and bool(repeated_blocks(model))
-    if args.compile and not repeated_blocks(model):
+        return get_accelerator().device_name() == "cuda" and bool(blocks)
+    if args.compile and not blocks:
         raise UsageError(f"--compile: {type(model).__name__} names no repeated blocks (_no_split_modules); "
                          "use --no-compile")
     return args.compile
