@@ -116,8 +116,9 @@ def kernel_groups(fwd, bwd, opt, ids, steps=2):
             fwd(ids), bwd()
         torch.cuda.synchronize()
     opt()
+    averages = prof.key_averages()
     sums, names = {}, {}
-    for evt in prof.key_averages():
+    for evt in averages:
         if evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
         us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
@@ -129,7 +130,7 @@ def kernel_groups(fwd, bwd, opt, ids, steps=2):
     for kind in ("matmul", "attention", "cross-entropy", "other"):
         for ms, name in sorted(names.get(kind, []), reverse=True)[:12 if kind == "other" else 6]:
             print(f"  {kind:13s} {ms:7.2f} ms  {name}", flush=True)
-    print(prof.key_averages().table(sort_by="device_time_total", row_limit=45, max_name_column_width=70), flush=True)
+    print(averages.table(sort_by="device_time_total", row_limit=45, max_name_column_width=70), flush=True)
 
 
 def merge(base, extra):
