@@ -4,12 +4,14 @@
 #   ./run.sh --num_steps 200 ... extra arguments go to autotp_custom_patterns.py (the last one given wins)
 #   ./run.sh test [pytest args]  install and run the test suite
 # TORCH_PIP_SPEC picks the torch to install when the venv has none (e.g. "torch --index-url <CPU wheel index>").
+# Everything else is installed at the exact versions in constraints.txt, the ones the test suite passed with,
+# so that a set-up today and one next month give the same numbers (requirements.txt holds the minimums).
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
-python -c "import torch" 2>/dev/null || python -m pip install -q ${TORCH_PIP_SPEC:-torch==2.13.0}
-python -m pip install -q -r requirements.txt
+python -c "import torch" 2>/dev/null || python -m pip install -q -c constraints.txt ${TORCH_PIP_SPEC:-torch==2.13.0}
+python -m pip install -q -r requirements.txt -c constraints.txt
 
 if [ "${1:-}" = test ]; then
   shift
