@@ -49,9 +49,11 @@ import random
 import resource
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass
 from itertools import count
 from pathlib import Path
@@ -62,7 +64,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from deepspeed.accelerator import get_accelerator
-from deepspeed.module_inject.autotp_config import PartitionType, TPLayerSpec
+from deepspeed.module_inject.autotp_config import AutoTPConfig, PartitionType, TPLayerSpec
 from deepspeed.utils import groups
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
@@ -234,60 +236,66 @@ def gpt_neox_layer_specs():
     ]
 
 
-def matching_spec(specs, param_name):
-    """The spec DeepSpeed applies to `param_name`: the first one with a pattern that re.match-es it."""
-    return next((s for s in specs if any(re.match(p, param_name) for p in s["patterns"])), None)
+def builtin_partition_config():
+    """DeepSpeed's partition_config object: only these specs apply (no preset merged in)."""
+    return {"use_default_specs": False, "layer_specs": gpt_neox_layer_specs()}
 
 
-SPEC_FIELDS = {f.name for f in dataclasses.fields(TPLayerSpec)}  # what DeepSpeed's layer_specs accept
-PARTITION_TYPES = [t.value for t in PartitionType]
+PARTITION_CONFIG_KEYS = {f.name for f in dataclasses.fields(AutoTPConfig)}  # DeepSpeed's partition_config keys
+SPEC_FIELDS = {f.name for f in dataclasses.fields(TPLayerSpec)}  # and those of each of its layer_specs
 
 
 def load_partition_config(path):
-    """--partition_config FILE -> (layer_specs, tp_local_config). The file holds DeepSpeed's
-    partition_config ({"layer_specs": [...]}) or just the list. "tp_local_config" (this script's, optional)
-    names config attributes the model's code reads as per-rank counts (Phi-3: num_attention_heads): they
-    are divided by tp on each rank after sharding and restored in the export."""
+    """--partition_config FILE -> (partition_config, tp_local_config). The file holds DeepSpeed's own
+    partition_config object, as it stands in a DeepSpeed config ({"layer_specs": [...], "use_default_specs":
+    ..., "strict_mode": ...}), or just the list of layer specs; it goes to DeepSpeed as written.
+    "tp_local_config" (this script's, optional) names config attributes the model's code reads as per-rank
+    counts (Phi-3: num_attention_heads): they are divided by tp on each rank after sharding and restored in
+    the export."""
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise UsageError(f"--partition_config {path} is not valid JSON: {exc}")
     data = {"layer_specs": data} if isinstance(data, list) else data
-    unknown = set(data) - {"layer_specs", "tp_local_config"} if isinstance(data, dict) else {"?"}
-    if unknown or not isinstance(data.get("layer_specs"), list) or not data["layer_specs"]:
-        raise UsageError(f"--partition_config {path}: expected {{\"layer_specs\": [...]}} with at least one spec "
-                         f"(and optionally \"tp_local_config\"), got keys {sorted(data) if isinstance(data, dict) else data}")
-    for i, spec in enumerate(data["layer_specs"]):
-        check_spec_fields(i, spec)
-    return data["layer_specs"], data.get("tp_local_config", [])
+    if not isinstance(data, dict) or not isinstance(data.get("layer_specs"), list) or not data["layer_specs"]:
+        raise UsageError(f"--partition_config {path}: expected DeepSpeed's partition_config, {{\"layer_specs\": [...]}} "
+                         f"with at least one spec, or the list of specs, got {sorted(data) if isinstance(data, dict) else data}")
+    unknown = set(data) - PARTITION_CONFIG_KEYS - {"tp_local_config"}
+    if unknown:
+        raise UsageError(f"--partition_config {path}: unknown key(s) {sorted(unknown)}; DeepSpeed's partition_config "
+                         f"takes {', '.join(sorted(PARTITION_CONFIG_KEYS))} (and this script's tp_local_config)")
+    tp_local_config = data.pop("tp_local_config", [])
+    autotp_config(data, f"--partition_config {path}")
+    return data, tp_local_config
 
 
-def check_spec_fields(i, spec):
-    """What can be checked without the model: field names, regexes, partition types, shape syntax."""
-    where = f"--partition_config layer spec {i}"
-    if not isinstance(spec, dict) or set(spec) - SPEC_FIELDS:
-        unknown = sorted(set(spec) - SPEC_FIELDS) if isinstance(spec, dict) else spec
-        raise UsageError(f"{where}: unknown field(s) {unknown}; DeepSpeed knows {', '.join(sorted(SPEC_FIELDS))}")
-    if not spec.get("patterns") or not all(isinstance(p, str) for p in spec["patterns"]):
-        raise UsageError(f"{where}: \"patterns\" must be a non-empty list of regular expressions")
-    for pattern in spec["patterns"]:
+def autotp_config(partition_config, where="--partition_config"):
+    """DeepSpeed's own reading of a partition_config (AutoTPConfig.from_dict, which deepspeed.initialize uses),
+    after checking what it would take silently (an unknown or misspelt field: ignored) or fail on only later
+    (a pattern that is no regular expression)."""
+    for i, spec in enumerate(partition_config["layer_specs"]):
+        here = f"{where} layer spec {i}"
+        if not isinstance(spec, dict) or set(spec) - SPEC_FIELDS:
+            unknown = sorted(set(spec) - SPEC_FIELDS) if isinstance(spec, dict) else spec
+            raise UsageError(f"{here}: unknown field(s) {unknown}; DeepSpeed knows {', '.join(sorted(SPEC_FIELDS))}")
+        if not spec.get("patterns") or not all(isinstance(p, str) for p in spec["patterns"]):
+            raise UsageError(f"{here}: \"patterns\" must be a non-empty list of regular expressions")
+        for pattern in spec["patterns"]:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise UsageError(f"{here}: pattern {pattern!r} is not a valid regular expression ({exc})")
         try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise UsageError(f"{where}: pattern {pattern!r} is not a valid regular expression ({exc})")
-    if partition_type(spec) not in PARTITION_TYPES:
-        raise UsageError(f"{where}: partition_type {partition_type(spec)!r} is not one of {', '.join(PARTITION_TYPES)}")
-    shape = spec.get("shape")
-    if shape is not None and not (isinstance(shape, list) and all(
-            isinstance(d, int) or (isinstance(d, list) and all(isinstance(x, int) and x > 0 for x in d)) for d in shape)):
-        raise UsageError(f"{where}: shape {shape} must be a list of sizes, -1, or one list of sub-sizes, "
-                         "e.g. [[4096, 1024, 1024], -1]")
+            AutoTPConfig.from_dict({"layer_specs": [spec]})
+        except (ValueError, TypeError) as exc:  # partition_type, shape and partition_dim, checked by DeepSpeed
+            raise UsageError(f"{here}: {exc} (partition_type: column, row or skip; shape e.g. [[4096, 1024, 1024], -1])")
+    return AutoTPConfig.from_dict(partition_config)
 
 
 def check_spec_shape(name, weight_shape, spec, tp):
     """A `shape` cuts a fused weight into blocks and splits each block over the TP ranks: the blocks
     must add up to the weight, and each must divide by tp."""
-    shape, dim = spec.get("shape"), spec_partition_dim(spec)
+    shape, dim = spec.shape, spec.get_partition_dim()
     if shape is None:
         size = weight_shape[dim] if dim < len(weight_shape) else None
         if size is not None and size % tp:
@@ -295,48 +303,52 @@ def check_spec_shape(name, weight_shape, spec, tp):
         return
     if len(shape) != len(weight_shape):
         return  # a reshape of another rank (e.g. experts): DeepSpeed checks it
-    blocks = shape[dim] if isinstance(shape[dim], list) else [weight_shape[dim] // max(shape[dim], 1)] * shape[dim]
+    blocks = list(shape[dim]) if isinstance(shape[dim], tuple) else [weight_shape[dim] // max(shape[dim], 1)] * shape[dim]
     if sum(blocks) != weight_shape[dim] or any(b % tp for b in blocks):
-        raise UsageError(f"{name} {tuple(weight_shape)}: shape {shape} splits dim {dim} into blocks {blocks}, "
-                         f"which must add up to {weight_shape[dim]} and each divide by --tp_size {tp}")
+        raise UsageError(f"{name} {tuple(weight_shape)}: shape {describe_shape(shape)} splits dim {dim} into blocks "
+                         f"{blocks}, which must add up to {weight_shape[dim]} and each divide by --tp_size {tp}")
 
 
-def partition_type(spec):
-    return spec.get("partition_type", "column")  # DeepSpeed's default when a spec leaves it out
-
-
-def spec_partition_dim(spec):
-    return spec.get("partition_dim", 0 if partition_type(spec) == "column" else 1)
+def describe_shape(shape):
+    return json.dumps(shape)  # as the user wrote it in JSON: [[64, 64, 64], -1]
 
 
 def expected_local_shape(global_shape, spec, tp):
     """Per-rank shape of a weight (or bias: 1-D) under `spec`: column splits dim 0, row splits dim 1;
     a row-parallel bias is not split (it is added once, after the all-reduce)."""
-    if spec is None or partition_type(spec) == "skip":
+    if spec is None or spec.partition_type == PartitionType.SKIP:
         return tuple(global_shape)
-    dim = spec_partition_dim(spec)
+    dim = spec.get_partition_dim()
     if dim >= len(global_shape):
         return tuple(global_shape)
     return tuple(n // tp if d == dim else n for d, n in enumerate(global_shape))
 
 
-def plan_partition(model, specs, tp):
-    """Map every Linear parameter to (spec index or None, global shape, expected local shape).
-    Fails on a spec that matches nothing and on a transformer-block Linear that no spec covers."""
-    plan = {}
+def plan_partition(model, tp_config, tp):
+    """Map every parameter of the modules AutoTP routes through the specs (those with a 2-D weight:
+    Linears, embeddings) to (spec index or None, global shape, expected local shape), matching names
+    the way deepspeed.initialize will (AutoTPConfig.find_matching_spec). Fails on a spec that matches
+    nothing, on a transformer-block Linear that no spec covers, and, with strict_mode, on any Linear left
+    unmatched (DeepSpeed would fail there, after loading the weights)."""
+    plan, specs = {}, tp_config.layer_specs
     for module_name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             continue
-        spec = matching_spec(specs, module_name + ".weight")
-        if spec is not None and partition_type(spec) != "skip":
-            check_spec_shape(module_name + ".weight", module.weight.shape, spec, tp)
+        spec = tp_config.find_matching_spec(module_name + ".weight", model.config.model_type)
+        if spec is None and tp_config.strict_mode and not isinstance(module, torch.nn.Embedding):
+            raise UsageError(f"partition_config strict_mode: no layer spec matches {module_name}.weight; add one "
+                             "(partition_type skip keeps it whole) or drop strict_mode")
+        if spec is not None and spec.partition_type != PartitionType.SKIP:
+            check_spec_shape(module_name + ".weight", weight.shape, spec, tp)
+        index = None if spec is None else next(i for i, s in enumerate(specs) if s is spec)
         for kind, param in module.named_parameters(recurse=False):
-            index = None if spec is None else specs.index(spec)
             plan[f"{module_name}.{kind}"] = (index, tuple(param.shape), expected_local_shape(param.shape, spec, tp))
     for i, spec in enumerate(specs):
         if not any(index == i for index, _, _ in plan.values()):
             example = next((n for n in plan if n.endswith(".weight") and ".layers." in n), next(iter(plan), "?"))
-            raise UsageError(f"layer spec {i} {spec['patterns']} matches no Linear weight of this model: "
+            excluded = f" (its model_types {spec.model_types} leave out {model.config.model_type})" if spec.model_types else ""
+            raise UsageError(f"layer spec {i} {spec.patterns} matches no Linear weight of this model{excluded}: "
                              f"fix its pattern (names look like {example}; --dry_run lists them all)")
     missed = [n for n, (index, _, _) in plan.items() if index is None and ".layers." in n]
     if missed:
@@ -355,13 +367,14 @@ def check_partition(model, plan):
 
 
 def partition_summary(plan, specs, tp):
+    """specs: DeepSpeed's TPLayerSpec objects (AutoTPConfig.layer_specs)."""
     rows = [f"AutoTP partition (tp={tp}), global -> per-rank shapes:"]
     for i, spec in enumerate(specs + [None]):
         names = [n for n, (index, _, _) in plan.items() if index == (i if spec else None)]
         if not names:
             continue
         _, global_shape, local_shape = plan[names[0]]
-        label = f"{partition_type(spec):6s} {spec['patterns'][0]}" if spec else "replicated (no spec)"
+        label = f"{spec.partition_type.value:6s} {spec.patterns[0]}" if spec else "replicated (no spec)"
         rows.append(f"  {label:55s} {len(names):4d} tensors, e.g. {names[0]} {global_shape} -> {local_shape}")
     return "\n".join(rows)
 
@@ -376,14 +389,14 @@ def dry_run(model, plan, specs, layout, args):
         local += math.prod(local_shape)
         if name in plan and name.endswith(".weight"):
             spec = specs[index] if index is not None else None
-            kind, label = ("replicated", "-") if spec is None else (partition_type(spec), f"{index}: {spec['patterns'][0]}")
-            if spec is not None and spec.get("shape"):
-                label += f" shape={spec['shape']}"
+            kind, label = ("replicated", "-") if spec is None else (spec.partition_type.value, f"{index}: {spec.patterns[0]}")
+            if spec is not None and spec.shape:
+                label += f" shape={describe_shape(spec.shape)}"
             rows.append({"weight": name, "spec": label, "type": kind, "global": global_shape, "per_rank": local_shape})
     memory = memory_per_rank_gib(local, layout, args)
     lines = [f"dry run: {args.model_name} ({total / 1e6:,.1f}M parameters), tp={layout.tp}, dp={layout.dp}, "
              f"ZeRO-{args.zero_stage}, {args.precision}",
-             f"{'Linear weight':58s} {'spec':52s} {'type':10s} {'global':>14s} {'per rank':>14s}"]
+             f"{'weight':58s} {'spec':52s} {'type':10s} {'global':>14s} {'per rank':>14s}"]
     lines += [f"{r['weight']:58s} {r['spec']:52s} {r['type']:10s} {str(r['global']):>14s} {str(r['per_rank']):>14s}"
               for r in rows]
     lines.append("memory per rank (estimate, GiB; activations and communication buckets not included): "
@@ -614,8 +627,9 @@ def train_bpe_tokenizer(train_text, text_column, vocab_size, cache_dir):
 
 def load_tokenizer(args, raw):
     if args.tokenizer_name or not args.model_name.startswith(BUILTIN_PREFIX):
-        return AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name,
-                                             trust_remote_code=args.trust_remote_code)
+        flag = "--tokenizer_name" if args.tokenizer_name else "--model_name"
+        return from_hub(AutoTokenizer.from_pretrained, args.tokenizer_name or args.model_name, flag,
+                        trust_remote_code=args.trust_remote_code)
     return train_bpe_tokenizer(raw["train"], args.text_column, BUILTIN_TOKENIZER_VOCAB, args.cache_dir)
 
 
@@ -655,17 +669,17 @@ def check_data_size(blocks, layout, args):
     if len(blocks["train"]) < global_batch:
         raise UsageError(f"{len(blocks['train'])} training blocks of {args.seq_length} tokens cannot fill one "
                          f"global batch of {global_batch}: lower --seq_length/--batch_size or add data")
-    if len(blocks["validation"]) < layout.dp:
-        raise UsageError(f"{len(blocks['validation'])} validation blocks for {layout.dp} DP ranks: raise "
+    if len(blocks["validation"]) == 0:
+        raise UsageError(f"the held-out text fills no block of {args.seq_length} tokens: raise "
                          "--validation_split_percentage, lower --seq_length or give --validation_file")
 
 
-def make_sampler(dataset, layout, seed, shuffle=True):
+def make_sampler(dataset, layout, seed):
     """The data contract: ranks of one TP group pass the same dp_rank, so they read the same samples;
     DP ranks get disjoint shards of equal length (drop_last), so every rank runs the same number of
     steps; the order is fixed by (seed, epoch). Passing dp_rank, not the global rank, is the point."""
-    return DistributedSampler(dataset, num_replicas=layout.dp, rank=layout.dp_rank, shuffle=shuffle,
-                              seed=seed, drop_last=True)
+    return DistributedSampler(dataset, num_replicas=layout.dp, rank=layout.dp_rank, shuffle=True, seed=seed,
+                              drop_last=True)
 
 
 def train_batches(dataset, layout, args, device, skip=0):
@@ -699,7 +713,40 @@ def load_config(args):
         return GPTNeoXConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                              intermediate_size=4 * hidden, vocab_size=vocab, max_position_embeddings=2048,
                              bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
-    return AutoConfig.from_pretrained(args.model_name, trust_remote_code=args.trust_remote_code)
+    return from_hub(AutoConfig.from_pretrained, args.model_name, "--model_name", trust_remote_code=args.trust_remote_code)
+
+
+def from_hub(load, name, flag, **kwargs):
+    """load(name) for a local directory or a hub id. Where the hub cannot be reached, only the local cache
+    is asked (transformers would retry for ~25 s first); a name found nowhere ends in one line saying why."""
+    offline = None if Path(name).is_dir() else hub_unreachable()
+    try:
+        return load(name, local_files_only=offline is not None, **kwargs)
+    except (OSError, ValueError) as exc:  # what transformers raises for a name it cannot resolve
+        if Path(name).is_dir():
+            raise UsageError(f"{flag} {name}: this directory does not hold a loadable model "
+                             f"({str(exc).splitlines()[0]})") from None
+        if isinstance(exc, ValueError):
+            raise
+        where = (f"the Hugging Face hub cannot be reached from here ({offline}) and the local cache does not have it"
+                 if offline else "the Hugging Face hub has no such repository (or it is private or gated: log in "
+                 "with `hf auth login`)")
+        raise UsageError(f"{flag} {name} is not a local directory and {where}: pass a local directory holding the "
+                         f"model, or builtin:NAME for a Pythia shape with random weights ({', '.join(BUILTIN_SHAPES)})"
+                         ) from None
+
+
+def hub_unreachable():
+    """Why the Hugging Face hub cannot be reached, or None when a TCP connection to it opens within 3 s."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError as exc:
+        return f"{url.hostname}: {exc.strerror or exc}"
+    return None
 
 
 def build_model(args, config, dtype):
@@ -709,8 +756,8 @@ def build_model(args, config, dtype):
     if args.model_name.startswith(BUILTIN_PREFIX) or args.random_init:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=args.trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name, config=config, dtype=dtype,
-                                                     trust_remote_code=args.trust_remote_code)
+        model = from_hub(AutoModelForCausalLM.from_pretrained, args.model_name, "--model_name", config=config,
+                         dtype=dtype, trust_remote_code=args.trust_remote_code)
     model.config.use_cache = False
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -727,7 +774,7 @@ def non_embedding_params(model):
 # Engine
 # ------------------------------------------------------------------------------------------------
 
-def build_ds_config(args, layer_specs):
+def build_ds_config(args, partition_config):
     """The whole DeepSpeed configuration. AutoTP is on because autotp_size is set: nothing else to call."""
     return {
         "train_micro_batch_size_per_gpu": args.batch_size,
@@ -741,7 +788,7 @@ def build_ds_config(args, layer_specs):
         "fp16": {"enabled": args.precision == "fp16", "initial_scale_power": 16},
         "tensor_parallel": {
             "autotp_size": args.tp_size,
-            "partition_config": {"use_default_specs": False, "layer_specs": layer_specs},
+            "partition_config": partition_config,
         },
         "steps_per_print": 10 ** 9,  # this script does its own logging
     }
@@ -906,7 +953,7 @@ def judge(reference, sharded, plan, specs, tolerance, precision):
 
 
 def describe_spec(spec):
-    return partition_type(spec) + (f", shape={spec['shape']}" if spec.get("shape") else "")
+    return spec.partition_type.value + (f", shape={describe_shape(spec.shape)}" if spec.shape else "")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1096,18 +1143,21 @@ def dp_mean(value, engine, layout):
 
 @torch.no_grad()
 def evaluate(engine, dataset, layout, args, device):
-    """Mean loss over the held-out blocks; each DP rank takes a disjoint shard."""
+    """Mean loss over every held-out block, each counted exactly once whatever dp is: DP rank d takes
+    blocks d, d + dp, d + 2 dp, ... (shards may differ by one block; evaluation has no collective across
+    DP ranks until the sums below). Blocks all have seq_length tokens, so the mean of their mean losses
+    is the mean loss per token."""
     engine.eval()
-    sampler = make_sampler(dataset, layout, args.seed, shuffle=False)
-    totals = torch.zeros(2, device=device)
-    for batch in DataLoader(dataset, batch_size=args.batch_size, sampler=sampler):
+    shard = range(layout.dp_rank, len(dataset), layout.dp)  # TP peers pass the same dp_rank: same blocks
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # sum of block losses, block count
+    for batch in DataLoader(dataset, batch_size=args.batch_size, sampler=shard):
         input_ids = batch["input_ids"].to(device)
-        totals += torch.stack([engine(input_ids=input_ids, labels=input_ids).loss.float() * len(input_ids),
-                               torch.tensor(float(len(input_ids)), device=device)])
+        loss = engine(input_ids=input_ids, labels=input_ids).loss
+        totals += torch.stack([loss.double() * len(input_ids), torch.tensor(len(input_ids), device=device).double()])
     dist.all_reduce(totals, group=engine.data_parallel_group)
     engine.train()
     loss = (totals[0] / totals[1]).item()
-    return {"loss": loss, "perplexity": math.exp(min(loss, 80.0))}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)), "blocks": int(totals[1].item())}
 
 
 def peak_flops(args, device):
@@ -1284,13 +1334,15 @@ def main(argv=None):
     args.tp_size, args.dp_size = layout.tp, layout.dp
     args.warmup_steps = args.num_steps // 10 if args.warmup_steps is None else args.warmup_steps
     config = load_config(args)
-    layer_specs, tp_local_config = (load_partition_config(args.partition_config) if args.partition_config
-                                    else (gpt_neox_layer_specs(), []))
+    partition_config, tp_local_config = (load_partition_config(args.partition_config) if args.partition_config
+                                         else (builtin_partition_config(), []))
+    tp_config = autotp_config(partition_config)  # DeepSpeed's reading of the specs
+    layer_specs = tp_config.layer_specs
     check_model_fits_tp(config, layout.tp, args.seq_length, custom_specs=bool(args.partition_config))
     check_tp_local_config(config, tp_local_config, layout.tp)
     with torch.device("meta"):  # shapes and names only: checks the specs before any weight is loaded
         shapes_only = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
-    plan = plan_partition(shapes_only, layer_specs, layout.tp)
+    plan = plan_partition(shapes_only, tp_config, layout.tp)
     args.compile = decide_compile(args, shapes_only)
     if args.dry_run:
         return dry_run(shapes_only, plan, layer_specs, layout, args)
@@ -1315,7 +1367,7 @@ def main(argv=None):
     n_params, n_non_embedding = sum(p.numel() for p in model.parameters()), non_embedding_params(model)
     flops_per_token = 6 * n_non_embedding + 12 * config.num_hidden_layers * config.hidden_size * args.seq_length
     model_stats = {"parameters": n_params, "non_embedding_parameters": n_non_embedding, "flops_per_token": flops_per_token}
-    ds_config = build_ds_config(args, layer_specs)
+    ds_config = build_ds_config(args, partition_config)
     if layout.rank == 0:
         print(describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device), flush=True)
         print(partition_summary(plan, layer_specs, layout.tp), flush=True)

@@ -52,7 +52,7 @@ def clip_in_fp64(model, max_norm):
 def unshard(pieces, dim, shape):
     """Undo the split: plain, the pieces follow each other; with a `shape` of blocks [b1, b2, ...] on dim,
     each rank holds its slice of every block, so the blocks are put back one by one."""
-    if not shape or not isinstance(shape[dim], list):
+    if not shape or not isinstance(shape[dim], tuple):
         return torch.cat(pieces, dim)
     tp = len(pieces)
     per_rank = [b // tp for b in shape[dim]]
@@ -62,10 +62,10 @@ def unshard(pieces, dim, shape):
 
 def upstream_shape_specs(config):
     """The fused-QKV spec from the upstream example: treats the rows as [Q; K; V] blocks."""
-    specs = S.gpt_neox_layer_specs()
-    h = config.hidden_size
+    partition_config = S.builtin_partition_config()
+    specs, h = partition_config["layer_specs"], config.hidden_size
     specs[0] = dict(specs[0], shape=[[h, h, h], -1], partition_dim=0)
-    return specs
+    return partition_config
 
 
 def step0_logits_diff(engine, reference, input_ids):
@@ -84,7 +84,7 @@ def qkv_heads_held(engine, reference, config, layout):
 
 
 def run(args, layout, config, specs, optimizer_factory, dataset, device):
-    """specs: (layer_specs, tp_local_config); optimizer_factory builds the optimizer of both models;
+    """specs: (partition_config, tp_local_config); optimizer_factory builds the optimizer of both models;
     None: compare step-0 logits only."""
     specs, local_counts = specs
     config = copy.deepcopy(config)  # localize_config changes the model's config: keep the caller's intact
@@ -128,8 +128,8 @@ def run(args, layout, config, specs, optimizer_factory, dataset, device):
             max_weight_diff = max(max_weight_diff, (p - full[name]).abs().max().item())
         else:  # sharded: the TP ranks' pieces, put back together, equal the reference
             dim = 0 if p.shape[0] != full[name].shape[0] else 1
-            spec = S.matching_spec(specs, name.rsplit(".", 1)[0] + ".weight")
-            whole = unshard(gathered, dim, spec.get("shape") if spec else None)
+            spec = S.autotp_config(specs).find_matching_spec(name.rsplit(".", 1)[0] + ".weight", config.model_type)
+            whole = unshard(gathered, dim, spec.shape if spec else None)
             max_weight_diff = max(max_weight_diff, (whole - full[name]).abs().max().item())
     flag = torch.tensor(float(identical), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -151,7 +151,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on GPUs too
     config = S.load_config(args)
     dataset = random_blocks(64, args.seq_length, config.vocab_size, seed=1)
-    specs, local_counts = S.load_partition_config(args.partition_config) if args.partition_config else (S.gpt_neox_layer_specs(), [])
+    specs, local_counts = S.load_partition_config(args.partition_config) if args.partition_config else (S.builtin_partition_config(), [])
     wrong = S.load_partition_config(wrong_file) if wrong_file else (upstream_shape_specs(config), [])
 
     sgd_args = copy.copy(args)

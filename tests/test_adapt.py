@@ -19,7 +19,7 @@ from transformers import LlamaConfig, Phi3Config, Qwen2Config
 
 import autotp_custom_patterns as S
 from test_parity import ROOT, check_parity, torchrun
-from test_script import error_line, run_script
+from test_script import assert_learned, error_line, run_script
 
 CONFIGS = ROOT / "partition_configs"
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -65,11 +65,11 @@ def test_script_trains_a_llama_from_a_spec_file_with_verify_tp(tmp_path, cache):
     S.train_bpe_tokenizer(raw["train"], "text", 8192, cache).save_pretrained(tmp_path / "llama")
     proc, results = run_script(2, tmp_path / "out", cache, "--model_name", tmp_path / "llama", "--random_init",
                                "--partition_config", CONFIGS / "llama.json", "--tp_size", "2", "--verify_tp",
-                               "--precision", "fp32", "--seq_length", "64", "--num_steps", "10",
-                               "--learning_rate", "3e-3", "--skip_export")
+                               "--precision", "fp32", "--seq_length", "64", "--num_steps", "30", "--batch_size", "4",
+                               "--learning_rate", "3e-3", "--eval_interval", "10", "--skip_export")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert results["verify_tp"]["worst_relative_diff"] < 1e-4 and results["verify_tp"]["modules_compared"] > 10
-    assert results["train"][-1]["loss"] < results["train"][0]["loss"]
+    assert_learned(results)
     assert "self_attn.q_proj.weight" in proc.stdout and "(32, 64)" in proc.stdout  # 64 -> 32 rows per rank
 
 
@@ -85,15 +85,16 @@ def test_verify_tp_names_the_fused_qkv_when_the_upstream_shape_spec_is_used(tmp_
     assert "step     1" not in proc.stdout  # stopped before training
 
 
-def test_dry_run_lists_every_linear_weight_once(capsys):
+def test_dry_run_lists_every_2d_weight_once(capsys):
     report = S.main(["--dry_run", "--model_name", "builtin:tiny", "--tp_size", "2", "--dp_size", "2"])
     rows = {r["weight"]: r for r in report["dry_run"]}
-    assert len(rows) == len(report["dry_run"]) == 2 * 4 + 1  # 2 layers x 4 Linears + lm_head
+    assert len(rows) == len(report["dry_run"]) == 2 * 4 + 2  # 2 layers x 4 Linears, lm_head, embed_in
     assert (rows["gpt_neox.layers.1.attention.query_key_value.weight"]["per_rank"],
             rows["gpt_neox.layers.1.attention.dense.weight"]["per_rank"],
             rows["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"]["per_rank"],
             rows["gpt_neox.layers.0.mlp.dense_4h_to_h.weight"]["per_rank"]) == ((96, 64), (64, 32), (128, 64), (64, 128))
     assert rows["lm_head.weight"]["type"] == "replicated" and rows["lm_head.weight"]["per_rank"] == (8192, 64)
+    assert rows["gpt_neox.embed_in.weight"]["type"] == "replicated"
     assert any("lm_head.weight" in w for w in report["warnings"])
     printed = capsys.readouterr().out
     first_words = [line.split()[0] for line in printed.splitlines() if line.strip()]
@@ -110,23 +111,50 @@ def test_dry_run_lists_every_linear_weight_once(capsys):
 
 def test_dry_run_of_the_6_9b_shape_needs_no_weights():
     report = S.main(["--dry_run", "--model_name", "builtin:pythia-6.9b", "--tp_size", "4", "--dp_size", "2"])
-    assert len(report["dry_run"]) == 32 * 4 + 1
+    assert len(report["dry_run"]) == 32 * 4 + 2
     assert report["memory_per_rank_gib"]["total"] < 80
 
 
 @pytest.mark.parametrize("content,message", [
     ('{"layer_specs": [{"patterns": [".*dense"], "partition_typ": "row"}]}', r"unknown field\(s\) \['partition_typ'\]"),
     ('{"layer_specs": [{"patterns": ["*.dense"]}]}', "pattern '\\*.dense' is not a valid regular expression"),
-    ('{"layer_specs": [{"patterns": [".*dense"], "partition_type": "diagonal"}]}', "'diagonal' is not one of column, row, skip"),
-    ('{"layer_specs": [{"patterns": [".*dense"], "shape": "3,-1"}]}', "shape 3,-1 must be a list"),
+    ('{"layer_specs": [{"patterns": [".*dense"], "partition_type": "diagonal"}]}', "'diagonal' is not a valid PartitionType"),
+    ('{"layer_specs": [{"patterns": [".*dense"], "shape": "3,-1"}]}', "layer spec 0: AutoTP shape must be a tuple"),
+    ('{"layer_specs": [{"patterns": [".*dense"], "shape": [[2, 2], [3]]}]}', "nested tuple only allowed at partition_dim"),
     ('{"layer_specs": []}', "with at least one spec"),
-    ('{"specs": []}', "got keys \\['specs'\\]"),
+    ('{"specs": []}', "expected DeepSpeed's partition_config.*got \\['specs'\\]"),
+    ('{"layer_specs": [{"patterns": [".*dense"]}], "stric_mode": true}', "unknown key\\(s\\) \\['stric_mode'\\]"),
     ('{"layer_specs": [', "is not valid JSON"),
 ])
 def test_spec_file_errors_name_what_to_fix(tmp_path, content, message):
     (tmp_path / "specs.json").write_text(content)
     with pytest.raises(S.UsageError, match=message):
         S.load_partition_config(tmp_path / "specs.json")
+
+
+def test_a_deepspeed_partition_config_is_taken_as_written(tmp_path):
+    """The partition_config object copied out of a DeepSpeed config, with every key DeepSpeed reads, means
+    what it means there: model_types restricts a spec to those models, strict_mode refuses a Linear that
+    no spec matches (embeddings excepted, as in DeepSpeed); tp_size is DeepSpeed's to override."""
+    def dry_run_with(config):
+        (tmp_path / "ds.json").write_text(json.dumps(config))
+        return S.main(["--dry_run", "--tp_size", "2", "--partition_config", str(tmp_path / "ds.json")])
+
+    config = {"use_default_specs": False, "strict_mode": False, "tp_size": 8, "embedding_partition_dim": 1,
+              "lm_head_patterns": ["lm_head", "embed_out"],
+              "layer_specs": [dict(spec, model_types=["gpt_neox"], gather_output=False, grad_allreduce=False)
+                              for spec in S.gpt_neox_layer_specs()]}
+    builtin = {r["weight"]: r["per_rank"] for r in S.main(["--dry_run", "--tp_size", "2"])["dry_run"]}
+    assert {r["weight"]: r["per_rank"] for r in dry_run_with(config)["dry_run"]} == builtin
+    config["layer_specs"][1]["model_types"] = ["llama"]
+    with pytest.raises(S.UsageError, match=r"layer spec 1 .* matches no Linear weight of this model \(its model_types \['llama'\] leave out gpt_neox"):
+        dry_run_with(config)
+    config["layer_specs"][1]["model_types"] = None
+    config["strict_mode"] = True
+    with pytest.raises(S.UsageError, match=r"strict_mode: no layer spec matches lm_head.weight"):
+        dry_run_with(config)
+    config["layer_specs"].append({"patterns": [r"lm_head\.weight$"], "partition_type": "skip"})
+    assert {r["weight"]: r["per_rank"] for r in dry_run_with(config)["dry_run"]} == builtin
 
 
 def test_spec_errors_found_on_the_model(tmp_path):
@@ -147,4 +175,4 @@ def test_spec_errors_found_on_the_model(tmp_path):
 
 
 def test_spec_file_of_the_repository_equals_the_built_in_specs():
-    assert S.load_partition_config(CONFIGS / "gpt_neox.json") == (S.gpt_neox_layer_specs(), [])
+    assert S.load_partition_config(CONFIGS / "gpt_neox.json") == (S.builtin_partition_config(), [])

@@ -25,8 +25,9 @@ from test_parity import ROOT, torchrun
 from test_script import SCRIPT, error_line, run_script
 
 TOL = 1e-6
-# Short fp32 run with a loss every step and a checkpoint every 4 steps; the last step is 14.
-RUN = ["--tp_size", "2", "--dp_size", "2", "--precision", "fp32", "--seq_length", "64", "--num_steps", "14",
+# Short fp32 run with a loss every step and a checkpoint every 4 steps; the last step is 14. At 60 tokens
+# the embedded text holds out 35 blocks, which neither 2 nor 3 DP ranks divide.
+RUN = ["--tp_size", "2", "--dp_size", "2", "--precision", "fp32", "--seq_length", "60", "--num_steps", "14",
        "--learning_rate", "3e-3", "--log_interval", "1", "--eval_interval", "7", "--save_interval", "4"]
 
 
@@ -139,13 +140,18 @@ def test_export_reloads_in_plain_transformers_with_the_sharded_logits(tmp_path):
     assert diff < 1e-5, f"reloaded logits differ from the sharded model's by {diff:.2e}"
 
 
-@pytest.mark.parametrize("nproc,tp", [(2, 1), (4, 4)])
+@pytest.mark.parametrize("nproc,tp", [(1, 1), (2, 1), (3, 1), (4, 4)])
 def test_exported_model_evaluates_like_the_training_run(tmp_path, cache, uninterrupted, nproc, tp):
+    """One model (the export), one held-out set, evaluated at dp = 1, 2, 3 and at tp=4: each block counts once
+    whatever the number of DP ranks, so every layout gives the training run's (tp=2, dp=2) last eval loss."""
     out, reference = uninterrupted
     assert reference["export_dir"] == str(out / "hf")
+    blocks = reference["eval"][-1]["blocks"]
+    assert blocks % 2 and blocks % 3, f"{blocks} held-out blocks: pick a --seq_length that 2 and 3 do not divide"
     proc, evaluated = run_script(nproc, tmp_path, cache, "--model_name", out / "hf", "--tp_size", tp,
-                                 "--precision", "fp32", "--seq_length", "64", "--num_steps", "0", "--verify_tp")
+                                 "--precision", "fp32", "--seq_length", "60", "--num_steps", "0", "--verify_tp")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert evaluated["eval"][0]["blocks"] == blocks
     assert abs(evaluated["eval"][0]["loss"] - reference["eval"][-1]["loss"]) < TOL
     assert evaluated["verify_tp"]["worst_relative_diff"] < 1e-4  # a trained model, sharded again at this tp
 
@@ -160,7 +166,7 @@ def test_resume_with_another_topology_is_refused(tmp_path, cache, uninterrupted)
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache):
-    proc, _ = run_script(2, tmp_path, cache, "--tp_size", "2", "--precision", "fp32", "--seq_length", "64",
+    proc, _ = run_script(2, tmp_path, cache, "--tp_size", "2", "--precision", "fp32", "--seq_length", "60",
                          "--num_steps", "10", "--learning_rate", "1e30", "--save_interval", "1", "--log_interval", "5")
     line = error_line(proc)
     assert "the loss or gradient norm is not finite at step" in line and "exitcode  : 3" in proc.stderr

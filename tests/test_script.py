@@ -18,6 +18,14 @@ from test_parity import ROOT, torchrun
 SCRIPT = ROOT / "autotp_custom_patterns.py"
 
 
+def assert_learned(results, vocab_size=8192):
+    """It trains: the held-out loss ends more than one nat below ln(vocab), the loss of a model that has
+    learned nothing (a uniform guess, where every random init starts), and below its first evaluation.
+    Unlike single-step training losses, evaluations are free of batch-to-batch noise."""
+    evals = [e["loss"] for e in results["eval"]]
+    assert len(evals) >= 2 and evals[-1] < math.log(vocab_size) - 1.0 and evals[-1] < evals[0], evals
+
+
 def run_script(nproc, out, cache, *args):
     proc = torchrun(nproc, SCRIPT, "--output_dir", out, "--cache_dir", cache, *args)
     return proc, (json.loads((Path(out) / "results.json").read_text()) if proc.returncode == 0 else None)
@@ -31,10 +39,10 @@ def test_trains_tp2_dp2_on_the_embedded_corpus(tmp_path, cache):
     assert results["verify_tp"]["worst_relative_diff"] < 1e-4 and results["verify_tp"]["modules_compared"] > 10
     losses = [r["loss"] for r in results["train"]]
     assert [r["step"] for r in results["train"]] == [5, 10, 15, 20, 25, 30]
-    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 1.0, losses
+    assert all(math.isfinite(x) for x in losses), losses
+    assert_learned(results)
     assert set(results["train"][0]) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
     assert [e["step"] for e in results["eval"]] == [15, 30]
-    assert results["eval"][-1]["loss"] < results["eval"][0]["loss"]
     assert math.isclose(results["eval"][-1]["perplexity"], math.exp(results["eval"][-1]["loss"]), rel_tol=1e-9)
     assert {k: results["layout"][k] for k in ("world_size", "tp", "dp")} == {"world_size": 4, "tp": 2, "dp": 2}
     assert results["args"]["zero_stage"] == 2 and results["throughput"]["tokens_per_s"] > 0
@@ -52,11 +60,11 @@ def test_deepspeed_launcher_with_text_files_and_eval_only(tmp_path, cache):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launcher = Path(sys.executable).with_name("deepspeed")
     proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", "29611", SCRIPT, *map(str, common),
-                           "--num_steps", "10", "--learning_rate", "3e-3"],
+                           "--num_steps", "10", "--learning_rate", "3e-3", "--eval_interval", "5"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trained = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert trained["train"][-1]["loss"] < trained["train"][0]["loss"]
+    assert_learned(trained)
     assert trained["layout"]["tp"] == 2 and trained["layout"]["dp"] == 1
 
     proc, evaluated = run_script(2, tmp_path / "eval", cache, *common[:-2], "--num_steps", "0")
@@ -66,8 +74,11 @@ def test_deepspeed_launcher_with_text_files_and_eval_only(tmp_path, cache):
 
 
 def error_line(proc):
+    """The one `error:` line of a failed run (rank 0's), and no traceback through the script on any rank
+    (torchrun prints one of its own when a worker exits non-zero)."""
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
+    assert f'{SCRIPT.name}", line' not in proc.stderr, proc.stderr[-3000:]
     return lines[0]
 
 
@@ -96,6 +107,9 @@ def test_compiled_blocks_train_as_the_eager_model_does(tmp_path, cache):
     (2, ["--model_name", "builtin:gpt5"], "unknown built-in model 'gpt5'"),
     (2, ["--num_steps", "-3"], "--num_steps must be zero or positive"),
     (2, ["--train_file", "missing.txt"], "--train_file missing.txt does not exist"),
+    # a typo, or a hub id with no network: the hub answers or is unreachable, the line says which
+    (2, ["--model_name", "EleutherAI/pythia-70mm"], "--model_name EleutherAI/pythia-70mm is not a local directory "
+                                                    "and the Hugging Face hub"),
 ])
 def test_bad_input_fails_fast_on_every_rank(tmp_path, cache, nproc, args, message):
     proc, _ = run_script(nproc, tmp_path, cache, *args)
@@ -132,7 +146,7 @@ args = S.parse_args(["--model_name", "builtin:tiny", "--precision", sys.argv[2],
 layout = S.resolve_layout(0, 1, 1, 1)
 device = S.init_distributed(0)
 model = S.build_model(args, S.load_config(args), S.DTYPES[args.precision])
-engine = S.build_engine(model, args, layout, S.build_ds_config(args, S.gpt_neox_layer_specs()))
+engine = S.build_engine(model, args, layout, S.build_ds_config(args, S.builtin_partition_config()))
 weight = engine.module.gpt_neox.layers[0].mlp.dense_h_to_4h.weight
 weight.register_hook(lambda grad: grad * float("nan"))
 ids = torch.randint(0, 100, (2, 32), device=device)

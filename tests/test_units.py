@@ -112,7 +112,7 @@ def meta_model(name="builtin:tiny"):
 def test_plan_shards_every_block_linear(name, tp):
     model = meta_model(name)
     specs = S.gpt_neox_layer_specs()
-    plan = S.plan_partition(model, specs, tp)
+    plan = S.plan_partition(model, S.autotp_config({"layer_specs": specs}), tp)
     config = model.config
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     expected = {"attention.query_key_value.weight": (3 * h // tp, h), "attention.query_key_value.bias": (3 * h // tp,),
@@ -121,8 +121,8 @@ def test_plan_shards_every_block_linear(name, tp):
                 "mlp.dense_4h_to_h.weight": (h, inter // tp), "mlp.dense_4h_to_h.bias": (h,)}
     for layer, (suffix, shape) in itertools.product(range(layers), expected.items()):
         assert plan[f"gpt_neox.layers.{layer}.{suffix}"][2] == shape
-    assert plan["lm_head.weight"][0] is None  # the output head stays replicated
-    assert len(plan) == layers * len(expected) + 1
+    assert plan["lm_head.weight"][0] is None and plan["gpt_neox.embed_in.weight"][0] is None  # replicated
+    assert len(plan) == layers * len(expected) + 2
 
 
 def test_compile_is_on_by_default_only_with_cuda_and_only_for_named_blocks(monkeypatch):
@@ -144,21 +144,22 @@ def test_a_spec_that_matches_nothing_is_an_error():
     specs = S.gpt_neox_layer_specs()
     specs[1] = dict(specs[1], patterns=[r".*\.attention\.dence\.weight$"])
     with pytest.raises(S.UsageError, match=r"layer spec 1 .*dence.* matches no Linear weight"):
-        S.plan_partition(meta_model(), specs, 2)
+        S.plan_partition(meta_model(), S.autotp_config({"layer_specs": specs}), 2)
 
 
 def test_a_spec_without_partition_type_is_column_as_in_deepspeed():
     specs = S.gpt_neox_layer_specs()
     del specs[0]["partition_type"]
-    plan = S.plan_partition(meta_model(), specs, 2)
+    tp_config = S.autotp_config({"layer_specs": specs})
+    plan = S.plan_partition(meta_model(), tp_config, 2)
     assert plan["gpt_neox.layers.0.attention.query_key_value.weight"][2] == (96, 64)
-    assert "column .*\\.attention\\.query_key_value" in S.partition_summary(plan, specs, 2)
+    assert "column .*\\.attention\\.query_key_value" in S.partition_summary(plan, tp_config.layer_specs, 2)
 
 
 def test_a_block_linear_left_unsharded_is_an_error():
     specs = S.gpt_neox_layer_specs()[:3]
     with pytest.raises(S.UsageError, match=r"no layer spec covers gpt_neox.layers.0.mlp.dense_4h_to_h"):
-        S.plan_partition(meta_model(), specs, 2)
+        S.plan_partition(meta_model(), S.autotp_config({"layer_specs": specs}), 2)
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def test_empty_files_are_rejected(tmp_path):
 def test_ds_config_turns_on_autotp_from_the_config_alone():
     args = args_for("--tp_size", "4", "--zero_stage", "1", "--batch_size", "3", "--gradient_accumulation_steps", "2",
                     "--max_grad_norm", "0.5", "--precision", "fp16")
-    config = S.build_ds_config(args, S.gpt_neox_layer_specs())
+    config = S.build_ds_config(args, S.builtin_partition_config())
     assert config["tensor_parallel"] == {"autotp_size": 4, "partition_config": {
         "use_default_specs": False, "layer_specs": S.gpt_neox_layer_specs()}}
     assert config["zero_optimization"] == {"stage": 1}
