@@ -1,17 +1,18 @@
 #!/usr/bin/env python
 """Train a Hugging Face GPT-NeoX (Pythia) model with DeepSpeed AutoTP and custom partition patterns.
 
-What this script shows, in the order the code runs:
-  1. the AutoTP `partition_config` for GPT-NeoX written as plain data (`gpt_neox_layer_specs`),
-     including the right way to split its fused query_key_value weight, whose rows are interleaved
-     per head ([head0: q k v][head1: q k v]...), not stacked as [Q; K; V];
-  2. AutoTP switched on from the DeepSpeed config alone (`tensor_parallel.autotp_size`), with ZeRO-2;
-  3. a DP-rank-aware sampler: the ranks of one TP group read identical batches, DP ranks disjoint ones;
-  4. checks that the sharding really happened (AutoTP leaves an unmatched layer replicated, silently);
-  5. other models: --partition_config FILE.json (your specs), --dry_run (the plan and memory per rank,
-     no GPU), --verify_tp (sharded vs unsharded, module by module, before training);
-  6. on GPUs, torch.compile of each sharded transformer block and of the loss (`compile_blocks`; 1.2x a
-     plain PyTorch loop on one H100, README "Performance"; --no-compile to run eagerly).
+The recipe comes first in this file, numbered as in main():
+  1. the AutoTP layer specs for GPT-NeoX as plain data (`gpt_neox_layer_specs`), with the right split of
+     its fused query_key_value weight, whose rows are interleaved per head ([h0: q k v][h1: q k v]...);
+  2. the rank layout (`Layout`), and `BatchSizeMPU`, which tells DeepSpeed the number of DP replicas;
+  3. the DeepSpeed config (`build_ds_config`): AutoTP is on because `tensor_parallel.autotp_size` is set,
+     ZeRO-2 by default; the guard that replaces DeepSpeed's bf16 overflow check sits beside it;
+  4. `deepspeed.initialize` (`build_engine`): AutoTP shards the model, ZeRO wraps the optimizer;
+  5. the DP-rank-aware sampler (`make_sampler`): TP peers read identical batches, DP ranks disjoint ones;
+  6. one training step (`train_step`).
+Then, one banner each: arguments; spec files and the partition plan; --dry_run (plan and memory per rank,
+no GPU); data; model (torch.compile of each sharded block on GPUs); --verify_tp (sharded vs unsharded,
+module by module); checkpoints and the export; the training loop and its metrics; main.
 
 Rank layout. DeepSpeed puts consecutive ranks in one TP group: tp_rank = rank % tp, dp_rank = rank // tp.
 With tp=2, dp=2 (4 ranks):
@@ -28,13 +29,11 @@ Launch:
   8 GPUs, Pythia-6.9B from the Hugging Face hub:
     deepspeed --num_gpus 8 autotp_custom_patterns.py --model_name EleutherAI/pythia-6.9b \\
         --tp_size 4 --dp_size 2 --seq_length 512 --num_steps 20
-  8 GPUs without hub access (same shape, random weights):
-    deepspeed --num_gpus 8 autotp_custom_patterns.py --model_name builtin:pythia-6.9b --tp_size 4 --dp_size 2
+  8 GPUs without hub access (same shape, random weights): --model_name builtin:pythia-6.9b
 
-Outputs: progress on rank 0; in --output_dir: results.json (arguments, layout, train/eval curves,
-throughput), loss_curve.png, checkpoints/ (--save_interval N, and on SIGTERM/SIGINT; continue with
---resume_from_checkpoint latest) and hf/, the trained model gathered from the TP shards as a plain
-Hugging Face model. `python autotp_custom_patterns.py --help` lists every knob.
+Outputs in --output_dir: results.json (arguments, layout, curves, throughput), loss_curve.png, checkpoints/
+(--save_interval N, and on SIGTERM/SIGINT), hf/ (the model gathered from the TP shards, plain Hugging Face).
+`python autotp_custom_patterns.py --help` lists every knob.
 """
 import argparse
 import dataclasses
@@ -70,10 +69,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig
 
-# ------------------------------------------------------------------------------------------------
-# Arguments
-# ------------------------------------------------------------------------------------------------
-
 BUILTIN_PREFIX = "builtin:"
 # GPT-NeoX shapes with random weights, for machines without hub access. The Pythia rows are the
 # published Pythia shapes (layers, hidden, heads, padded vocab); MLP width is 4 x hidden.
@@ -100,18 +95,253 @@ class UsageError(Exception):
     """Bad input: reported as one line on rank 0, exit code 2, before heavy work where possible."""
 
 
+class Diverged(Exception):
+    """A non-finite loss: reported as one line, exit code 3, no checkpoint written after it."""
+
+
+# ==== THE RECIPE: AutoTP training with DeepSpeed, in the order main() calls it. Copy this part. ===
+
+# ---- 1. Layer specs: which weights AutoTP splits, and how ----------------------------------------
+
+def gpt_neox_layer_specs():
+    """AutoTP layer specs for GPT-NeoX (Pythia). DeepSpeed matches each pattern with re.match against
+    the full parameter name (gpt_neox.layers.3.attention.query_key_value.weight); the first spec that
+    matches wins; a Linear no spec matches stays replicated on every TP rank."""
+    return [
+        # Fused QKV, weight (3*hidden, hidden). Its rows are interleaved per head, [h0: q k v][h1: q k v]...,
+        # because the model views the output as (..., heads, 3*head_size). A plain contiguous split of the
+        # rows therefore hands rank r whole heads r*H/tp .. (r+1)*H/tp-1, each with its own q, k and v.
+        # No `shape` here: shape=((q, kv, kv), -1) would treat the rows as [Q; K; V] blocks and give each
+        # rank rows of different heads in the q/k/v roles, a different model that still trains.
+        {"patterns": [r".*\.attention\.query_key_value\.weight$"], "partition_type": "column"},
+        # Attention output, weight (hidden, hidden): split the input features, which are the heads this
+        # rank computed; each rank's partial product is all-reduced after the forward. Bias added once.
+        {"patterns": [r".*\.attention\.dense\.weight$"], "partition_type": "row"},
+        # MLP up-projection, weight (4*hidden, hidden): column split, no communication in the forward;
+        # GELU is elementwise, so each rank keeps its slice of the intermediate activations.
+        {"patterns": [r".*\.mlp\.dense_h_to_4h\.weight$"], "partition_type": "column"},
+        # MLP down-projection, weight (hidden, 4*hidden): row split over the same slice, then all-reduce.
+        {"patterns": [r".*\.mlp\.dense_4h_to_h\.weight$"], "partition_type": "row"},
+    ]
+
+
+def builtin_partition_config():
+    """DeepSpeed's partition_config object: only these specs apply (no preset merged in)."""
+    return {"use_default_specs": False, "layer_specs": gpt_neox_layer_specs()}
+
+
+# ---- 2. Rank layout: tp x dp, and the DP size DeepSpeed needs for its batch arithmetic -----------
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one rank sits in the (dp, tp) grid. DeepSpeed builds the same grid from autotp_size:
+    TP groups are consecutive ranks, DP groups are strided by tp."""
+    rank: int
+    world_size: int
+    tp: int
+    dp: int
+
+    @property
+    def tp_rank(self):
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self):
+        return self.rank // self.tp
+
+
+def resolve_layout(rank, world_size, tp=None, dp=None):
+    """Fill in a missing tp or dp from the world size, then check tp x dp = world size."""
+    if tp is None and dp is None:
+        tp, dp = world_size, 1
+    elif tp is None:
+        tp = world_size // dp if world_size % dp == 0 else 0
+    elif dp is None:
+        dp = world_size // tp if world_size % tp == 0 else 0
+    if tp <= 0 or dp <= 0 or tp * dp != world_size:
+        raise UsageError(f"--tp_size x --dp_size must equal the number of processes ({world_size}); "
+                         f"got tp={tp or '?'}, dp={dp or '?'}")
+    return Layout(rank, world_size, tp, dp)
+
+
+class BatchSizeMPU:
+    """The one thing deepspeed.initialize asks an `mpu` before AutoTP builds its groups: the DP world size,
+    to check the batch arithmetic. Without one it counts every rank as a DP replica, tp times too many.
+    The engine then replaces it with its own AutoTP groups, which check_groups compares with this layout."""
+
+    def __init__(self, layout):
+        self.layout = layout
+
+    def get_data_parallel_world_size(self):
+        return self.layout.dp
+
+
+# ---- 3. The DeepSpeed config (and the non-finite guard that replaces its bf16 overflow check) ----
+
+def build_ds_config(args, partition_config, train=True):
+    """The whole DeepSpeed configuration, evaluation-only variant included (train=False: ZeRO-0, no optimizer
+    states to shard). AutoTP is on because autotp_size is set: nothing else to call."""
+    return {
+        "train_micro_batch_size_per_gpu": args.batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "gradient_clipping": args.max_grad_norm,  # DeepSpeed clips at 1.0 unless told otherwise
+        "zero_optimization": {"stage": args.zero_stage if train else 0},
+        # DeepSpeed's bf16 overflow check tests every gradient and waits for the answer before each step
+        # (~60 ms a step for 1.4B on an H100). It is off; in its place the loop keeps mark_non_finite (below)
+        # and stops at the first non-finite loss or gradient norm, before any checkpoint is written. Copy
+        # this line only together with that guard.
+        "bf16": {"enabled": args.precision == "bf16", "check_grad_overflow": False},
+        "fp16": {"enabled": args.precision == "fp16", "initial_scale_power": 16},
+        "tensor_parallel": {"autotp_size": args.tp_size, "partition_config": partition_config},
+        "steps_per_print": 10 ** 9,  # this script does its own logging
+    }
+
+
+def mark_non_finite(first_bad, step, loss, grad_norm):
+    """first_bad becomes step if this step's loss or gradient norm is not finite; no host sync. The
+    norm is DeepSpeed's (a device tensor, a float, or None: not computed, or the step was skipped); with
+    its bf16 overflow check off, a non-finite gradient reaches the weights, so the run must stop here
+    rather than at the next loss."""
+    finite = torch.isfinite(loss)
+    if grad_norm is not None:
+        finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
+    return torch.where(finite, first_bad, first_bad.clamp(max=step))
+
+
+def applied_grad_norm(engine):
+    """The gradient norm of the step just taken, or None when DeepSpeed skipped it (an fp16 loss-scale
+    overflow: its norm is infinite by design and no weight changed, so it is no divergence)."""
+    return engine.get_global_grad_norm() if engine.was_step_applied() else None
+
+
+def check_finite(first_bad):
+    """Stop every rank at the first step where any rank's loss or gradient norm was not finite. Syncs
+    the host."""
+    first_bad = first_bad.clone()
+    dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    if math.isfinite(first_bad.item()):
+        raise Diverged(f"the loss or gradient norm is not finite at step {int(first_bad.item())}: lower --learning_rate, "
+                       "try --precision fp32, or resume from the last checkpoint (none is written after this)")
+
+
+# ---- 4. deepspeed.initialize ---------------------------------------------------------------------
+
+def adamw_factory(args):
+    """The optimizer, as a factory: deepspeed.initialize calls it after AutoTP has swapped in the sharded
+    layers, so it sees the parameters that will really train. Matrices decay; biases and norms do not."""
+    def build(params):
+        params = list(params)
+        param_groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+                        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        # fused: one kernel for the whole update instead of a few per tensor list (GPU only)
+        fused = all(p.is_cuda for p in params)
+        return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    return build
+
+
+def warmup_cosine_factory(args):
+    """The LR schedule, as a factory of the optimizer DeepSpeed wraps: linear warmup, then cosine decay."""
+    return lambda optimizer: transformers.get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=max(args.num_steps, 1))
+
+
+def build_engine(model, args, layout, ds_config, optimizer=None, train=True):
+    """deepspeed.initialize: AutoTP shards the model (still on the host), then the engine moves the shards to
+    the device and wraps the optimizer in ZeRO. train=False (with build_ds_config(train=False)): no
+    optimizer, so no fp32 master weights or optimizer state."""
+    # At tp=1 DeepSpeed builds no AutoTP groups and would take its DP group from the mpu; it needs none.
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                           optimizer=(optimizer or adamw_factory(args)) if train else None,
+                                           lr_scheduler=warmup_cosine_factory(args) if train else None,
+                                           mpu=BatchSizeMPU(layout) if layout.tp > 1 else None)
+    check_groups(engine, layout)
+    return engine
+
+
+def check_groups(engine, layout):
+    """DeepSpeed's groups must be the ones this script's sampler assumes."""
+    dp_group = engine.data_parallel_group  # the AutoTP DP group; at tp=1 (no AutoTP groups) the world
+    theirs = (dist.get_rank(dp_group), dist.get_world_size(dp_group))
+    if layout.tp > 1:
+        theirs += (groups.get_tensor_model_parallel_rank(), groups.get_tensor_model_parallel_world_size())
+    ours = (layout.dp_rank, layout.dp) + ((layout.tp_rank, layout.tp) if layout.tp > 1 else ())
+    if theirs != ours:
+        raise RuntimeError(f"DeepSpeed's (dp_rank, dp, tp_rank, tp) = {theirs}, expected {ours}")
+
+
+# ---- 5. The DP-rank-aware sampler ----------------------------------------------------------------
+
+def make_sampler(dataset, layout, seed):
+    """The data contract: ranks of one TP group pass the same dp_rank, so they read the same samples;
+    DP ranks get disjoint shards of equal length (drop_last), so every rank runs the same number of
+    steps; the order is fixed by (seed, epoch). Passing dp_rank, not the global rank, is the point."""
+    return DistributedSampler(dataset, num_replicas=layout.dp, rank=layout.dp_rank, shuffle=True, seed=seed,
+                              drop_last=True)
+
+
+def train_batches(dataset, layout, args, device, skip=0):
+    """Endless micro-batches for this rank, reshuffled every epoch, after the first `skip` ones (a
+    resumed run skips what it already trained on: the order depends only on seed, epoch and position)."""
+    sampler = make_sampler(dataset, layout, args.seed)
+    per_epoch = len(sampler) // args.batch_size  # full micro-batches; the sampler's tail is dropped
+    for epoch in count(skip // per_epoch):
+        sampler.set_epoch(epoch)
+        start = args.batch_size * (skip - epoch * per_epoch if epoch == skip // per_epoch else 0)
+        indices = list(sampler)[start:per_epoch * args.batch_size]
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=indices, pin_memory=device.type == "cuda")
+        for batch in loader:
+            yield batch["input_ids"].to(device, non_blocking=True)
+
+
+# ---- 6. One training step ------------------------------------------------------------------------
+
+def train_step(engine, batches):
+    """One optimizer step over gradient_accumulation_steps micro-batches; returns this rank's mean
+    loss as a device tensor (no host sync)."""
+    total = 0.0
+    for _ in range(engine.gradient_accumulation_steps()):
+        input_ids = next(batches)
+        loss = engine(input_ids=input_ids, labels=input_ids).loss  # labels are shifted inside the model
+        engine.backward(loss)  # gradients of the shards; ZeRO reduces them over the DP group
+        engine.step()  # optimizer + scheduler run only at the accumulation boundary
+        total = total + loss.detach()
+    return total / engine.gradient_accumulation_steps()
+
+
+def dp_mean(value, engine, layout):
+    """Average a per-rank scalar over the DP group (TP peers already agree). Syncs the host."""
+    value = value.detach().clone().float()
+    dist.all_reduce(value, group=engine.data_parallel_group)
+    return value.item() / layout.dp
+
+
+# ==== EVERYTHING ELSE: what the recipe needs around it, one concern per section ===================
+
+# ---- Arguments: every knob, its checks, and the values derived from them -------------------------
+
 def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def build_parser():
+    """Every knob, with its help. same_on_resume=True: the flag fixes the model, the data or their order,
+    and a resumed run must repeat its value (find_checkpoint compares them)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+    p.same_on_resume = []
+
+    def a(*names, same_on_resume=False, **kwargs):
+        dest = p.add_argument(*names, **kwargs).dest
+        if same_on_resume:
+            p.same_on_resume.append(dest)
     # model
-    a("--model_name", default=None,
+    a("--model_name", same_on_resume=True, default=None,
       help="hub id, local directory, or builtin:NAME (random weights; NAME in "
            f"{', '.join(BUILTIN_SHAPES)}). Default: builtin:tiny without a GPU, builtin:pythia-410m with one")
-    a("--tokenizer_name", default=None, help="tokenizer to use instead of the model's own")
+    a("--tokenizer_name", same_on_resume=True, default=None, help="tokenizer to use instead of the model's own")
     a("--random_init", action="store_true", help="build a hub/local model from its config with random weights")
     a("--trust_remote_code", action="store_true", help="allow model/tokenizer code from the hub")
-    a("--partition_config", default=None,
+    a("--partition_config", same_on_resume=True, default=None,
       help="JSON file with your own AutoTP layer_specs (DeepSpeed's fields), replacing the GPT-NeoX ones; "
            "any causal LM that transformers loads can then be trained")
     a("--dry_run", action="store_true", help="print how the specs shard every Linear and the memory per rank, "
@@ -119,40 +349,42 @@ def parse_args(argv=None):
     a("--verify_tp", action="store_true", help="before training, compare the sharded model with the unsharded "
       "one on the first training sequence, module by module; stop if they differ")
     # parallelism
-    a("--tp_size", type=int, default=None, help="tensor-parallel ranks per model replica "
-      "(default: world_size / dp_size, or world_size when neither is given)")
-    a("--dp_size", type=int, default=None, help="data-parallel replicas (default: world_size / tp_size)")
-    a("--zero_stage", type=int, default=2, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
+    a("--tp_size", same_on_resume=True, type=int, default=None,
+      help="tensor-parallel ranks per model replica (default: world_size / dp_size, or world_size when neither is given)")
+    a("--dp_size", same_on_resume=True, type=int, default=None, help="DP replicas (default: world_size / tp_size)")
+    a("--zero_stage", same_on_resume=True, type=int, default=2, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
     a("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
       help="set by the deepspeed launcher; torchrun sets LOCAL_RANK instead")
     # data
-    a("--dataset_name", default=None, help="Hugging Face datasets name, e.g. wikitext")
-    a("--dataset_config_name", default=None, help="its configuration, e.g. wikitext-103-raw-v1")
-    a("--train_file", default=None, help="txt (one document per paragraph), json/jsonl, csv or parquet")
-    a("--validation_file", default=None, help="same formats; default: hold out part of the training text")
-    a("--text_column", default="text", help="column holding the text")
-    a("--validation_split_percentage", type=float, default=5.0,
+    a("--dataset_name", same_on_resume=True, default=None, help="Hugging Face datasets name, e.g. wikitext")
+    a("--dataset_config_name", same_on_resume=True, default=None, help="its configuration: wikitext-103-raw-v1")
+    a("--train_file", same_on_resume=True, default=None,
+      help="txt (one document per paragraph), json/jsonl, csv or parquet")
+    a("--validation_file", same_on_resume=True, default=None,
+      help="same formats; default: hold out part of the training text")
+    a("--text_column", same_on_resume=True, default="text", help="column holding the text")
+    a("--validation_split_percentage", same_on_resume=True, type=float, default=5.0,
       help="documents held out for evaluation when there is no validation split or file")
     a("--preprocessing_num_workers", type=int, default=None,
       help="processes for tokenization (default: half the cores, at most 8, for 8,000 documents or more)")
     a("--cache_dir", default=os.path.join(Path.home(), ".cache", "autotp_custom_patterns"),
       help="where the embedded corpus and trained tokenizers are kept")
     # optimisation
-    a("--batch_size", type=int, default=1, help="micro-batch per rank (sequences)")
-    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    a("--seq_length", type=int, default=512, help="tokens per training sequence")
+    a("--batch_size", same_on_resume=True, type=int, default=1, help="micro-batch per rank (sequences)")
+    a("--gradient_accumulation_steps", same_on_resume=True, type=int, default=1, help="micro-batches per step")
+    a("--seq_length", same_on_resume=True, type=int, default=512, help="tokens per training sequence")
     a("--num_steps", type=int, default=50, help="optimizer steps; 0 evaluates only")
     a("--learning_rate", type=float, default=1e-4, help="peak learning rate (AdamW)")
     a("--weight_decay", type=float, default=0.01, help="AdamW weight decay for matrices (not biases, norms)")
     a("--warmup_steps", type=int, default=None, help="linear warmup steps before cosine decay (default 10%%)")
     a("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm; 0 disables")
-    a("--precision", default="bf16", choices=list(DTYPES), help="training dtype")
+    a("--precision", same_on_resume=True, default="bf16", choices=list(DTYPES), help="training dtype")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile each transformer block and the loss (after AutoTP has sharded them): faster steps "
            "once the first one has paid for the compilation. Default: on with CUDA GPUs, off on CPU")
     a("--activation_checkpointing", action="store_true",
       help="recompute each layer's activations in the backward pass: less memory, ~30%% more compute")
-    a("--seed", type=int, default=42, help="seed for weights, data order and tokenizer training")
+    a("--seed", same_on_resume=True, type=int, default=42, help="seed of the weights, data order and tokenizer")
     # reporting
     a("--log_interval", type=int, default=5, help="log every N steps (each log syncs the host)")
     a("--eval_interval", type=int, default=25, help="evaluate every N steps (and at the end); 0: only at the end")
@@ -169,7 +401,7 @@ def parse_args(argv=None):
     a("--export_only", action="store_true",
       help="with --resume_from_checkpoint: write the Hugging Face model to <output_dir>/hf and stop")
     a("--skip_export", action="store_true", help="do not write <output_dir>/hf at the end of training")
-    return p.parse_args(argv)
+    return p
 
 
 def check_args(args):
@@ -210,36 +442,16 @@ def check_args(args):
             raise UsageError(f"unknown built-in model {name!r}: use builtin: with one of {', '.join(BUILTIN_SHAPES)}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Partition specs: the lesson
-# ------------------------------------------------------------------------------------------------
-
-def gpt_neox_layer_specs():
-    """AutoTP layer specs for GPT-NeoX (Pythia). DeepSpeed matches each pattern with re.match against
-    the full parameter name (gpt_neox.layers.3.attention.query_key_value.weight); the first spec that
-    matches wins; a Linear no spec matches stays replicated on every TP rank."""
-    return [
-        # Fused QKV, weight (3*hidden, hidden). Its rows are interleaved per head, [h0: q k v][h1: q k v]...,
-        # because the model views the output as (..., heads, 3*head_size). A plain contiguous split of the
-        # rows therefore hands rank r whole heads r*H/tp .. (r+1)*H/tp-1, each with its own q, k and v.
-        # No `shape` here: shape=((q, kv, kv), -1) would treat the rows as [Q; K; V] blocks and give each
-        # rank rows of different heads in the q/k/v roles, a different model that still trains.
-        {"patterns": [r".*\.attention\.query_key_value\.weight$"], "partition_type": "column"},
-        # Attention output, weight (hidden, hidden): split the input features, which are the heads this
-        # rank computed; each rank's partial product is all-reduced after the forward. Bias added once.
-        {"patterns": [r".*\.attention\.dense\.weight$"], "partition_type": "row"},
-        # MLP up-projection, weight (4*hidden, hidden): column split, no communication in the forward;
-        # GELU is elementwise, so each rank keeps its slice of the intermediate activations.
-        {"patterns": [r".*\.mlp\.dense_h_to_4h\.weight$"], "partition_type": "column"},
-        # MLP down-projection, weight (hidden, 4*hidden): row split over the same slice, then all-reduce.
-        {"patterns": [r".*\.mlp\.dense_4h_to_h\.weight$"], "partition_type": "row"},
-    ]
+def derive_args(args, layout):
+    """The values that follow from the flags and the layout, computed once and kept in args (and so in
+    results.json): tp and dp, the default warmup, and the batch arithmetic."""
+    args.tp_size, args.dp_size = layout.tp, layout.dp
+    args.warmup_steps = args.num_steps // 10 if args.warmup_steps is None else args.warmup_steps
+    args.global_batch_size = args.batch_size * args.gradient_accumulation_steps * layout.dp  # sequences per step
+    args.tokens_per_step = args.global_batch_size * args.seq_length
 
 
-def builtin_partition_config():
-    """DeepSpeed's partition_config object: only these specs apply (no preset merged in)."""
-    return {"use_default_specs": False, "layer_specs": gpt_neox_layer_specs()}
-
+# ---- Spec files and the partition plan: checked on the model's shapes before any weight loads ----
 
 PARTITION_CONFIG_KEYS = {f.name for f in dataclasses.fields(AutoTPConfig)}  # DeepSpeed's partition_config keys
 SPEC_FIELDS = {f.name for f in dataclasses.fields(TPLayerSpec)}  # and those of each of its layer_specs
@@ -305,12 +517,12 @@ def check_spec_shape(name, weight_shape, spec, tp):
         return  # a reshape of another rank (e.g. experts): DeepSpeed checks it
     blocks = list(shape[dim]) if isinstance(shape[dim], tuple) else [weight_shape[dim] // max(shape[dim], 1)] * shape[dim]
     if sum(blocks) != weight_shape[dim] or any(b % tp for b in blocks):
-        raise UsageError(f"{name} {tuple(weight_shape)}: shape {describe_shape(shape)} splits dim {dim} into blocks "
+        raise UsageError(f"{name} {tuple(weight_shape)}: shape {json.dumps(shape)} splits dim {dim} into blocks "
                          f"{blocks}, which must add up to {weight_shape[dim]} and each divide by --tp_size {tp}")
 
 
-def describe_shape(shape):
-    return json.dumps(shape)  # as the user wrote it in JSON: [[64, 64, 64], -1]
+def describe_spec(spec):
+    return spec.partition_type.value + (f", shape={json.dumps(spec.shape)}" if spec.shape else "")
 
 
 def expected_local_shape(global_shape, spec, tp):
@@ -379,6 +591,37 @@ def partition_summary(plan, specs, tp):
     return "\n".join(rows)
 
 
+def check_model_fits_tp(config, tp, seq_length, custom_specs, tp_local_config=()):
+    if config.model_type != "gpt_neox" and not custom_specs:
+        raise UsageError(f"the built-in layer specs are for GPT-NeoX; for {config.model_type} write your own "
+                         "and pass them with --partition_config (README: Adapt it to your model)")
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(config, name, None)
+        if heads and heads % tp:
+            raise UsageError(f"--tp_size {tp} must divide the {heads} attention heads ({name})")
+    if getattr(config, "intermediate_size", None) and config.intermediate_size % tp:
+        raise UsageError(f"--tp_size {tp} must divide the MLP width {config.intermediate_size}")
+    if seq_length > getattr(config, "max_position_embeddings", seq_length):
+        raise UsageError(f"--seq_length {seq_length} exceeds the model's maximum of "
+                         f"{config.max_position_embeddings} positions")
+    for name in tp_local_config:
+        value = getattr(config, name, None)
+        if not isinstance(value, int) or value % tp:
+            raise UsageError(f"--partition_config tp_local_config: the model config's {name} is {value!r}, "
+                             f"which must be an integer divisible by --tp_size {tp}")
+
+
+def localize_config(config, names, tp):
+    """Set the config counts that the model's code reads per rank (see load_partition_config) to their
+    local values; returns the global ones, for the export."""
+    global_counts = {name: getattr(config, name) for name in names}
+    for name, value in global_counts.items():
+        setattr(config, name, value // tp)
+    return global_counts
+
+
+# ---- --dry_run: the plan and the memory per rank, no GPU, no weights -----------------------------
+
 def dry_run(model, plan, specs, layout, args):
     """--dry_run: every Linear weight, the spec that matched it, global and per-rank shapes, and an
     estimate of the memory per rank. Needs the config only (the model is on the meta device)."""
@@ -391,7 +634,7 @@ def dry_run(model, plan, specs, layout, args):
             spec = specs[index] if index is not None else None
             kind, label = ("replicated", "-") if spec is None else (spec.partition_type.value, f"{index}: {spec.patterns[0]}")
             if spec is not None and spec.shape:
-                label += f" shape={describe_shape(spec.shape)}"
+                label += f" shape={json.dumps(spec.shape)}"
             rows.append({"weight": name, "spec": label, "type": kind, "global": global_shape, "per_rank": local_shape})
     memory = memory_per_rank_gib(local, layout, args)
     lines = [f"dry run: {args.model_name} ({total / 1e6:,.1f}M parameters), tp={layout.tp}, dp={layout.dp}, "
@@ -421,105 +664,7 @@ def memory_per_rank_gib(local_params, layout, args):
     return {k: v / 2 ** 30 for k, v in parts.items()}
 
 
-# ------------------------------------------------------------------------------------------------
-# Topology
-# ------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Layout:
-    """Where one rank sits in the (dp, tp) grid. DeepSpeed builds the same grid from autotp_size:
-    TP groups are consecutive ranks, DP groups are strided by tp."""
-    rank: int
-    world_size: int
-    tp: int
-    dp: int
-
-    @property
-    def tp_rank(self):
-        return self.rank % self.tp
-
-    @property
-    def dp_rank(self):
-        return self.rank // self.tp
-
-
-def resolve_layout(rank, world_size, tp=None, dp=None):
-    """Fill in a missing tp or dp from the world size, then check tp x dp = world size."""
-    if tp is None and dp is None:
-        tp, dp = world_size, 1
-    elif tp is None:
-        tp = world_size // dp if world_size % dp == 0 else 0
-    elif dp is None:
-        dp = world_size // tp if world_size % tp == 0 else 0
-    if tp <= 0 or dp <= 0 or tp * dp != world_size:
-        raise UsageError(f"--tp_size x --dp_size must equal the number of processes ({world_size}); "
-                         f"got tp={tp or '?'}, dp={dp or '?'}")
-    return Layout(rank, world_size, tp, dp)
-
-
-class BatchSizeMPU:
-    """What deepspeed.initialize reads from an `mpu` to size the global batch: without one it counts
-    every rank as a data-parallel replica, tp times too many. The engine then switches to its own
-    AutoTP groups, which check_groups compares with this layout."""
-
-    def __init__(self, layout):
-        self.layout = layout
-
-    def get_data_parallel_world_size(self):
-        return self.layout.dp
-
-    def get_data_parallel_rank(self):
-        return self.layout.dp_rank
-
-    def get_model_parallel_world_size(self):
-        return self.layout.tp
-
-    def get_model_parallel_rank(self):
-        return self.layout.tp_rank
-
-
-def check_groups(engine, layout):
-    """DeepSpeed's groups must be the ones this script's sampler assumes."""
-    dp_group = engine.data_parallel_group  # the AutoTP DP group; at tp=1 (no AutoTP groups) the world
-    theirs = (dist.get_rank(dp_group), dist.get_world_size(dp_group))
-    if layout.tp > 1:
-        theirs += (groups.get_tensor_model_parallel_rank(), groups.get_tensor_model_parallel_world_size())
-    ours = (layout.dp_rank, layout.dp) + ((layout.tp_rank, layout.tp) if layout.tp > 1 else ())
-    if theirs != ours:
-        raise RuntimeError(f"DeepSpeed's (dp_rank, dp, tp_rank, tp) = {theirs}, expected {ours}")
-
-
-def check_model_fits_tp(config, tp, seq_length, custom_specs):
-    if config.model_type != "gpt_neox" and not custom_specs:
-        raise UsageError(f"the built-in layer specs are for GPT-NeoX; for {config.model_type} write your own "
-                         "and pass them with --partition_config (README: Adapt it to your model)")
-    for name in ("num_attention_heads", "num_key_value_heads"):
-        heads = getattr(config, name, None)
-        if heads and heads % tp:
-            raise UsageError(f"--tp_size {tp} must divide the {heads} attention heads ({name})")
-    if getattr(config, "intermediate_size", None) and config.intermediate_size % tp:
-        raise UsageError(f"--tp_size {tp} must divide the MLP width {config.intermediate_size}")
-    if seq_length > getattr(config, "max_position_embeddings", seq_length):
-        raise UsageError(f"--seq_length {seq_length} exceeds the model's maximum of "
-                         f"{config.max_position_embeddings} positions")
-
-
-def check_tp_local_config(config, names, tp):
-    for name in names:
-        value = getattr(config, name, None)
-        if not isinstance(value, int) or value % tp:
-            raise UsageError(f"--partition_config tp_local_config: the model config's {name} is {value!r}, "
-                             f"which must be an integer divisible by --tp_size {tp}")
-
-
-def localize_config(config, names, tp):
-    """Set the config counts that the model's code reads per rank (see load_partition_config) to their
-    local values; returns the global ones, for the export."""
-    global_counts = {name: getattr(config, name) for name in names}
-    for name, value in global_counts.items():
-        setattr(config, name, value // tp)
-    return global_counts
-
+# ---- Processes and data: the process group, text, tokenizer, packed blocks -----------------------
 
 def init_distributed(local_rank):
     """Start the process group: NCCL on GPUs, gloo on DeepSpeed's CPU accelerator. A plain
@@ -557,9 +702,12 @@ def run_local_main_first(fn, local_rank):
     return result if local_rank == 0 else fn()
 
 
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
+def write_atomically(path, text):
+    """Nodes sharing a file system may write the same cache file at once: each writes its own."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
+
 
 def embedded_corpus(cache_dir):
     """The English help text shipped inside Python (pydoc_data.topics, ~465 KB): one JSON line per topic."""
@@ -567,9 +715,7 @@ def embedded_corpus(cache_dir):
     path = Path(cache_dir) / f"pydoc_topics_{platform.python_version()}.jsonl"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)))
-        tmp.rename(path)  # atomic: a reader never sees half a file
+        write_atomically(path, "".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)))
     return str(path)
 
 
@@ -619,9 +765,7 @@ def train_bpe_tokenizer(train_text, text_column, vocab_size, cache_dir):
         batches = (train_text[i:i + 1000][text_column] for i in range(0, len(train_text), 1000))
         tokenizer.train_from_iterator(batches, trainer=trainer, length=len(train_text))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tokenizer.save(str(tmp))
-        tmp.rename(path)
+        write_atomically(path, tokenizer.to_str())
     return transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>")
 
 
@@ -664,41 +808,16 @@ def prepare_data(args):
     return tokenizer, blocks.with_format("torch")
 
 
-def check_data_size(blocks, layout, args):
-    global_batch = args.batch_size * args.gradient_accumulation_steps * layout.dp
-    if len(blocks["train"]) < global_batch:
+def check_data_size(blocks, args):
+    if len(blocks["train"]) < args.global_batch_size:
         raise UsageError(f"{len(blocks['train'])} training blocks of {args.seq_length} tokens cannot fill one "
-                         f"global batch of {global_batch}: lower --seq_length/--batch_size or add data")
+                         f"global batch of {args.global_batch_size}: lower --seq_length/--batch_size or add data")
     if len(blocks["validation"]) == 0:
         raise UsageError(f"the held-out text fills no block of {args.seq_length} tokens: raise "
                          "--validation_split_percentage, lower --seq_length or give --validation_file")
 
 
-def make_sampler(dataset, layout, seed):
-    """The data contract: ranks of one TP group pass the same dp_rank, so they read the same samples;
-    DP ranks get disjoint shards of equal length (drop_last), so every rank runs the same number of
-    steps; the order is fixed by (seed, epoch). Passing dp_rank, not the global rank, is the point."""
-    return DistributedSampler(dataset, num_replicas=layout.dp, rank=layout.dp_rank, shuffle=True, seed=seed,
-                              drop_last=True)
-
-
-def train_batches(dataset, layout, args, device, skip=0):
-    """Endless micro-batches for this rank, reshuffled every epoch, after the first `skip` ones (a
-    resumed run skips what it already trained on: the order depends only on seed, epoch and position)."""
-    sampler = make_sampler(dataset, layout, args.seed)
-    per_epoch = len(sampler) // args.batch_size  # full micro-batches; the sampler's tail is dropped
-    for epoch in count(skip // per_epoch):
-        sampler.set_epoch(epoch)
-        start = args.batch_size * (skip - epoch * per_epoch if epoch == skip // per_epoch else 0)
-        indices = list(sampler)[start:per_epoch * args.batch_size]
-        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=indices, pin_memory=device.type == "cuda")
-        for batch in loader:
-            yield batch["input_ids"].to(device, non_blocking=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# Model
-# ------------------------------------------------------------------------------------------------
+# ---- Model: config, weights, and torch.compile of the sharded blocks -----------------------------
 
 def default_model_name():
     return BUILTIN_PREFIX + ("pythia-410m" if torch.cuda.is_available() else "tiny")
@@ -770,61 +889,6 @@ def non_embedding_params(model):
     return sum(p.numel() for p in model.parameters() if p not in embeddings)
 
 
-# ------------------------------------------------------------------------------------------------
-# Engine
-# ------------------------------------------------------------------------------------------------
-
-def build_ds_config(args, partition_config):
-    """The whole DeepSpeed configuration. AutoTP is on because autotp_size is set: nothing else to call."""
-    return {
-        "train_micro_batch_size_per_gpu": args.batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "gradient_clipping": args.max_grad_norm,  # DeepSpeed clips at 1.0 unless told otherwise
-        "zero_optimization": {"stage": args.zero_stage},
-        # DeepSpeed's bf16 overflow check tests every gradient and waits for the answer before each step
-        # (~60 ms a step for 1.4B on an H100). train() tracks the loss and the gradient norm on the device
-        # instead and stops the run at the first non-finite one, before any checkpoint is written.
-        "bf16": {"enabled": args.precision == "bf16", "check_grad_overflow": False},
-        "fp16": {"enabled": args.precision == "fp16", "initial_scale_power": 16},
-        "tensor_parallel": {
-            "autotp_size": args.tp_size,
-            "partition_config": partition_config,
-        },
-        "steps_per_print": 10 ** 9,  # this script does its own logging
-    }
-
-
-def adamw(args):
-    """Optimizer factory. deepspeed.initialize calls it after AutoTP has swapped in the sharded layers,
-    so it sees the parameters that will really train. Matrices decay; biases and norms do not."""
-    def build(params):
-        params = list(params)
-        param_groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-                        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        # fused: one kernel for the whole update instead of a few per tensor list (GPU only)
-        fused = all(p.is_cuda for p in params)
-        return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
-    return build
-
-
-def warmup_cosine(args):
-    return lambda optimizer: transformers.get_cosine_schedule_with_warmup(
-        optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=max(args.num_steps, 1))
-
-
-def build_engine(model, args, layout, ds_config, optimizer=None, train=True):
-    """train=False (evaluation only): no optimizer, so no fp32 master weights or optimizer state."""
-    if not train:
-        ds_config = {**ds_config, "zero_optimization": {"stage": 0}}
-    # At tp=1 DeepSpeed builds no AutoTP groups and would take its DP group from the mpu; it needs none.
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
-                                           optimizer=(optimizer or adamw(args)) if train else None,
-                                           lr_scheduler=warmup_cosine(args) if train else None,
-                                           mpu=BatchSizeMPU(layout) if layout.tp > 1 else None)
-    check_groups(engine, layout)
-    return engine
-
-
 def repeated_blocks(model):
     """The blocks that --compile compiles one by one: the classes transformers lists in _no_split_modules
     (GPTNeoXLayer)."""
@@ -858,11 +922,11 @@ def compile_blocks(model):
     return f"{len(blocks)} {type(blocks[0]).__name__} blocks and the loss"
 
 
-# ------------------------------------------------------------------------------------------------
-# Verification against the unsharded model (--verify_tp)
-# ------------------------------------------------------------------------------------------------
+# ---- --verify_tp: the sharded model against the unsharded one, module by module ------------------
 
 VERIFY_TOKENS = 256  # of the first training sequence: enough to exercise attention, cheap at 6.9B
+
+
 # Largest relative difference ||sharded - unsharded|| / ||unsharded|| accepted for a module's output. A
 # wrong split (heads mixed up, a fused block cut in the wrong place) gives differences of order 1.
 VERIFY_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
@@ -913,8 +977,8 @@ def verify_tp(engine, probe, reference, plan, specs, layout, args):
     loss, logits, outputs = module_outputs(engine.module, probe, keep=layout.rank == 0)
     verdict = [None, None]
     if layout.rank == 0:
-        verdict = judge(reference, (loss, logits, outputs), plan, specs, VERIFY_TOLERANCE[args.precision],
-                        args.precision)
+        verdict = first_disagreement(reference, (loss, logits, outputs), plan, specs,
+                                     VERIFY_TOLERANCE[args.precision], args.precision)
     dist.broadcast_object_list(verdict, src=0)
     error, report = verdict
     if error:
@@ -925,8 +989,9 @@ def verify_tp(engine, probe, reference, plan, specs, layout, args):
     return report
 
 
-def judge(reference, sharded, plan, specs, tolerance, precision):
-    """(error message or None, report). Modules in execution order; at the first one over tolerance, the
+def first_disagreement(reference, sharded, plan, specs, tolerance, precision):
+    """The first module where the sharded and unsharded outputs disagree: (error message naming it, None), or
+    (None, report) when none does. Modules in execution order; at the first one over tolerance, the
     suspects are the sharded Linears that ran since the last output that agreed (a column-parallel
     output is a shard, so it cannot be compared itself: a wrong fused-QKV split shows up one module later)."""
     (ref_loss, ref_logits, ref_out), (loss, logits, out) = reference, sharded
@@ -952,23 +1017,9 @@ def judge(reference, sharded, plan, specs, tolerance, precision):
                   "tolerance": tolerance}
 
 
-def describe_spec(spec):
-    return spec.partition_type.value + (f", shape={describe_shape(spec.shape)}" if spec.shape else "")
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints and export
-# ------------------------------------------------------------------------------------------------
+# ---- Checkpoints, resume, stopping on a signal, and the Hugging Face export ----------------------
 
 POINTER = "latest"  # DeepSpeed's own name: engine.load_checkpoint(dir) follows it too
-# The arguments that fix the topology, the model and the order of the data: a resumed run must match.
-RESUME_ARGS = ("model_name", "tp_size", "dp_size", "seq_length", "batch_size", "gradient_accumulation_steps",
-               "zero_stage", "precision", "seed", "dataset_name", "dataset_config_name", "train_file",
-               "validation_file", "text_column", "validation_split_percentage", "tokenizer_name", "partition_config")
-
-
-class Diverged(Exception):
-    """A non-finite loss: reported as one line, exit code 3, no checkpoint written after it."""
 
 
 def check_output_dir(path):
@@ -990,7 +1041,7 @@ def find_checkpoint(args):
         raise UsageError(f"--resume_from_checkpoint {given}: no complete checkpoint at {path} "
                          "(expected a directory with run.json, written by --save_interval or on SIGTERM)")
     meta = json.loads((path / "run.json").read_text())
-    for name in RESUME_ARGS:
+    for name in build_parser().same_on_resume:
         if meta["args"].get(name) != getattr(args, name):
             raise UsageError(f"--resume_from_checkpoint {given} was written with --{name} {meta['args'].get(name)}, "
                              f"this run has --{name} {getattr(args, name)}: use the checkpoint's value")
@@ -1019,12 +1070,6 @@ def save_checkpoint(engine, args, layout, step, history, evals):
         prune_checkpoints(root, args.keep_last)
     dist.barrier()
     return root / tag
-
-
-def write_atomically(path, text):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
 
 
 def prune_checkpoints(root, keep_last):
@@ -1077,24 +1122,6 @@ def export_hf(engine, tokenizer, layout, out_dir, global_counts=None):
     dist.barrier()
 
 
-def plot_losses(history, evals, path):
-    """Train and eval loss over steps as a PNG; matplotlib is optional. Returns the path or None."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train (DP mean)")
-    ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="eval")
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
-    ax.legend()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 class StopSignal:
     """SIGTERM or SIGINT (a scheduler's warning before preemption, Ctrl-C) sets a flag; at each step the
     ranks agree whether anyone got one, over a CPU (gloo) group so the accelerator stream is not
@@ -1117,32 +1144,65 @@ class StopSignal:
         return bool(flag.item())
 
 
-# ------------------------------------------------------------------------------------------------
-# Training and evaluation
-# ------------------------------------------------------------------------------------------------
+# ---- The training loop, evaluation and metrics ---------------------------------------------------
 
-def train_step(engine, batches):
-    """One optimizer step over gradient_accumulation_steps micro-batches; returns this rank's mean
-    loss as a device tensor (no host sync)."""
-    total = 0.0
-    for _ in range(engine.gradient_accumulation_steps()):
-        input_ids = next(batches)
-        loss = engine(input_ids=input_ids, labels=input_ids).loss  # labels are shifted inside the model
-        engine.backward(loss)  # gradients of the shards; ZeRO reduces them over the DP group
-        engine.step()  # optimizer + scheduler run only at the accumulation boundary
-        total = total + loss.detach()
-    return total / engine.gradient_accumulation_steps()
+def train(engine, blocks, layout, args, device, meter, resumed=None):
+    """The loop, from step 1 or from a checkpoint's run.json (`resumed`). Returns one record per logged
+    step, the evaluations, and the name of the signal that stopped it early (or None)."""
+    first = resumed["step"] + 1 if resumed else 1
+    history, evals = (resumed["history"], resumed["evals"]) if resumed else ([], [])
+    data_wait = [0.0]  # host seconds spent waiting for the next batch
+    batches = timed(train_batches(blocks["train"], layout, args, device, skip=(first - 1) * args.gradient_accumulation_steps),
+                    data_wait)
+    stop = StopSignal()
+    first_bad = torch.full((), math.inf, device=device)  # first step with a non-finite loss/grad norm, on device
+    bar = tqdm(total=args.num_steps, initial=first - 1, unit="step", disable=None if layout.rank == 0 else True)
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(first, args.num_steps + 1):
+        lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside engine.step
+        loss = train_step(engine, batches)
+        first_bad = mark_non_finite(first_bad, step, loss, applied_grad_norm(engine))
+        window_steps += 1
+        bar.update()
+        if step % args.log_interval == 0 or step == args.num_steps:
+            check_finite(first_bad)
+            loss = dp_mean(loss, engine, layout)  # the host sync: all queued accelerator work finishes here
+            elapsed = time.perf_counter() - window_start
+            history.append(meter.record(engine, step, loss, lr, elapsed / window_steps)
+                           | {"data_wait_fraction": data_wait[0] / elapsed})
+            data_wait[0] = 0.0
+            log(layout, format_record(history[-1]))
+            bar.set_postfix(loss=f"{loss:.3f}")
+            window_start, window_steps = time.perf_counter(), 0
+        stopping = stop.agreed()
+        pause_start = time.perf_counter()  # evaluation and checkpoints stay out of the throughput
+        if step == args.num_steps or (args.eval_interval and step % args.eval_interval == 0):
+            evals.append(evaluate(engine, blocks["validation"], layout, args, device, step))
+        if stopping or (args.save_interval and (step % args.save_interval == 0 or step == args.num_steps)):
+            check_finite(first_bad)  # never checkpoint a diverged model
+            log(layout, f"saved checkpoint {save_checkpoint(engine, args, layout, step, history, evals)}")
+        window_start += time.perf_counter() - pause_start
+        if stopping:
+            log(layout, f"received {stop.received}: stopped after step {step} with a checkpoint; continue "
+                        "with --resume_from_checkpoint latest")
+            break
+    bar.close()
+    if args.num_steps == 0:
+        evals.append(evaluate(engine, blocks["validation"], layout, args, device, 0))
+    return history, evals, stop.received
 
 
-def dp_mean(value, engine, layout):
-    """Average a per-rank scalar over the DP group (TP peers already agree). Syncs the host."""
-    value = value.detach().clone().float()
-    dist.all_reduce(value, group=engine.data_parallel_group)
-    return value.item() / layout.dp
+def timed(iterator, total):
+    """Yield from iterator, adding the time each next() takes to total[0]."""
+    while True:
+        start = time.perf_counter()
+        item = next(iterator)
+        total[0] += time.perf_counter() - start
+        yield item
 
 
 @torch.no_grad()
-def evaluate(engine, dataset, layout, args, device):
+def evaluate(engine, dataset, layout, args, device, step):
     """Mean loss over every held-out block, each counted exactly once whatever dp is: DP rank d takes
     blocks d, d + dp, d + 2 dp, ... (shards may differ by one block; evaluation has no collective across
     DP ranks until the sums below). Blocks all have seq_length tokens, so the mean of their mean losses
@@ -1157,16 +1217,34 @@ def evaluate(engine, dataset, layout, args, device):
     dist.all_reduce(totals, group=engine.data_parallel_group)
     engine.train()
     loss = (totals[0] / totals[1]).item()
-    return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)), "blocks": int(totals[1].item())}
+    log(layout, f"eval  {step:5d} | loss {loss:.4f} | perplexity {math.exp(min(loss, 80.0)):.2f}")
+    return {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 80.0)), "blocks": int(totals[1].item())}
 
 
-def peak_flops(args, device):
-    if args.peak_tflops:
-        return args.peak_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+@dataclass(frozen=True)
+class Meter:
+    """What turns a measured step time into the logged throughput figures; fixed for the run."""
+    tokens_per_step: int
+    flops_per_token: float  # 6 N + 12 L H S (README: MFU)
+    peak_flops: float | None  # of all the run's accelerators together; None (CPU, unknown GPU): no MFU
+    device: torch.device
+
+    @classmethod
+    def for_run(cls, args, layout, device, flops_per_token):
+        """Peak dense bf16 FLOP/s per accelerator: --peak_tflops, or looked up from the GPU's name."""
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else None
+        if peak is None and device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            peak = next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+        return cls(args.tokens_per_step, flops_per_token, peak and peak * layout.world_size, device)
+
+    def record(self, engine, step, loss, lr, step_time):
+        grad_norm = engine.get_global_grad_norm()
+        tokens_per_s = self.tokens_per_step / step_time
+        return {"step": step, "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                "step_time_s": step_time, "tokens_per_s": tokens_per_s,
+                "mfu": self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None,
+                "peak_memory_gib": peak_memory_gib(self.device)}
 
 
 def peak_memory_gib(device):
@@ -1174,104 +1252,6 @@ def peak_memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
-def train(engine, blocks, layout, args, device, flops_per_token, resumed=None):
-    """The loop, from step 1 or from a checkpoint's run.json (`resumed`). Returns one record per logged
-    step, the evaluations, and the name of the signal that stopped it early (or None)."""
-    first = resumed["step"] + 1 if resumed else 1
-    history, evals = (resumed["history"], resumed["evals"]) if resumed else ([], [])
-    data_wait = [0.0]  # host seconds spent waiting for the next batch
-    batches = timed(train_batches(blocks["train"], layout, args, device, skip=(first - 1) * args.gradient_accumulation_steps),
-                    data_wait)
-    tokens_per_step = args.batch_size * args.gradient_accumulation_steps * layout.dp * args.seq_length
-    peak, stop = peak_flops(args, device), StopSignal()
-    first_bad = torch.full((), math.inf, device=device)  # first step with a non-finite loss/grad norm, on device
-    bar = tqdm(total=args.num_steps, initial=first - 1, unit="step", disable=None if layout.rank == 0 else True)
-    window_start, window_steps = time.perf_counter(), 0
-    for step in range(first, args.num_steps + 1):
-        lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside engine.step
-        loss = train_step(engine, batches)
-        first_bad = mark_non_finite(first_bad, step, loss, applied_grad_norm(engine))
-        window_steps += 1
-        bar.update()
-        if step % args.log_interval == 0 or step == args.num_steps:
-            check_finite(first_bad)
-            loss = dp_mean(loss, engine, layout)  # the host sync: all queued accelerator work finishes here
-            elapsed = time.perf_counter() - window_start
-            history.append(step_record(engine, step, loss, lr, elapsed / window_steps, tokens_per_step,
-                                       flops_per_token, peak, layout, device) | {"data_wait_fraction": data_wait[0] / elapsed})
-            data_wait[0] = 0.0
-            log(layout, format_record(history[-1]))
-            bar.set_postfix(loss=f"{loss:.3f}")
-            window_start, window_steps = time.perf_counter(), 0
-        stopping = stop.agreed()
-        pause_start = time.perf_counter()  # evaluation and checkpoints stay out of the throughput
-        if step == args.num_steps or (args.eval_interval and step % args.eval_interval == 0):
-            evals.append(evaluate_and_log(engine, blocks["validation"], layout, args, device, step))
-        if stopping or (args.save_interval and (step % args.save_interval == 0 or step == args.num_steps)):
-            check_finite(first_bad)  # never checkpoint a diverged model
-            log(layout, f"saved checkpoint {save_checkpoint(engine, args, layout, step, history, evals)}")
-        window_start += time.perf_counter() - pause_start
-        if stopping:
-            log(layout, f"received {stop.received}: stopped after step {step} with a checkpoint; continue "
-                        "with --resume_from_checkpoint latest")
-            break
-    bar.close()
-    if args.num_steps == 0:
-        evals.append(evaluate_and_log(engine, blocks["validation"], layout, args, device, 0))
-    return history, evals, stop.received
-
-
-def timed(iterator, total):
-    """Yield from iterator, adding the time each next() takes to total[0]."""
-    while True:
-        start = time.perf_counter()
-        item = next(iterator)
-        total[0] += time.perf_counter() - start
-        yield item
-
-
-def applied_grad_norm(engine):
-    """The gradient norm of the step just taken, or None when DeepSpeed skipped it (an fp16 loss-scale
-    overflow: its norm is infinite by design and no weight changed, so it is no divergence)."""
-    return engine.get_global_grad_norm() if engine.was_step_applied() else None
-
-
-def mark_non_finite(first_bad, step, loss, grad_norm):
-    """first_bad becomes step if this step's loss or gradient norm is not finite; no host sync. The
-    norm is DeepSpeed's (a device tensor, a float, or None: not computed, or the step was skipped); with
-    its bf16 overflow check off, a non-finite gradient reaches the weights, so the run must stop here
-    rather than at the next loss."""
-    finite = torch.isfinite(loss)
-    if grad_norm is not None:
-        finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
-    return torch.where(finite, first_bad, first_bad.clamp(max=step))
-
-
-def check_finite(first_bad):
-    """Stop every rank at the first step where any rank's loss or gradient norm was not finite. Syncs
-    the host."""
-    first_bad = first_bad.clone()
-    dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-    if math.isfinite(first_bad.item()):
-        raise Diverged(f"the loss or gradient norm is not finite at step {int(first_bad.item())}: lower --learning_rate, "
-                       "try --precision fp32, or resume from the last checkpoint (none is written after this)")
-
-
-def step_record(engine, step, loss, lr, step_time, tokens_per_step, flops_per_token, peak, layout, device):
-    grad_norm = engine.get_global_grad_norm()
-    tokens_per_s = tokens_per_step / step_time
-    return {"step": step, "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-            "step_time_s": step_time, "tokens_per_s": tokens_per_s,
-            "mfu": flops_per_token * tokens_per_s / (peak * layout.world_size) if peak else None,
-            "peak_memory_gib": peak_memory_gib(device)}
-
-
-def evaluate_and_log(engine, dataset, layout, args, device, step):
-    record = {"step": step, **evaluate(engine, dataset, layout, args, device)}
-    log(layout, f"eval  {step:5d} | loss {record['loss']:.4f} | perplexity {record['perplexity']:.2f}")
-    return record
 
 
 def log(layout, message):
@@ -1300,52 +1280,48 @@ def throughput_summary(history):
             "windows": len(steady)}
 
 
-# ------------------------------------------------------------------------------------------------
-# Main
-# ------------------------------------------------------------------------------------------------
+def plot_losses(history, evals, path):
+    """Train and eval loss over steps as a PNG; matplotlib is optional. Returns the path or None."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train (DP mean)")
+    ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="eval")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
-def describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device):
-    tokens = args.batch_size * args.gradient_accumulation_steps * layout.dp * args.seq_length
-    return "\n".join([
-        f"versions: python {platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
-        f"transformers {transformers.__version__}, datasets {datasets.__version__}",
-        f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU, gloo'})",
-        f"layout: world {layout.world_size} = tp {layout.tp} x dp {layout.dp}; TP groups "
-        f"{[list(range(d * layout.tp, (d + 1) * layout.tp)) for d in range(layout.dp)]}, DP groups "
-        f"{[list(range(t, layout.world_size, layout.tp)) for t in range(layout.tp)]}",
-        f"model: {args.model_name}, {n_params / 1e6:,.1f}M parameters ({n_non_embedding / 1e6:,.1f}M non-embedding), "
-        f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads, "
-        f"{args.precision}",
-        f"batch: {args.batch_size} per rank x {args.gradient_accumulation_steps} accumulation x {layout.dp} DP = "
-        f"{args.batch_size * args.gradient_accumulation_steps * layout.dp} sequences of {args.seq_length} = "
-        f"{tokens:,} tokens per step, {args.num_steps} steps",
-        "deepspeed config: " + json.dumps(ds_config),
-    ])
 
+# ---- Main: the recipe's steps in order, the optional ones marked ---------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
     args.model_name = args.model_name or default_model_name()
     check_args(args)
+    # 1. The layer specs: the built-in GPT-NeoX ones, or a --partition_config file.
+    partition_config, tp_local_config = (load_partition_config(args.partition_config) if args.partition_config
+                                         else (builtin_partition_config(), []))
+    tp_config = autotp_config(partition_config)  # DeepSpeed's own reading of them
+    # 2. The rank layout: tp x dp processes, and the values derived from it.
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.dry_run and "WORLD_SIZE" not in os.environ:  # a plain `python` call describing tp x dp ranks
         world = (args.tp_size or 1) * (args.dp_size or 1)
     layout = resolve_layout(int(os.environ.get("RANK", 0)), world, args.tp_size, args.dp_size)
-    args.tp_size, args.dp_size = layout.tp, layout.dp
-    args.warmup_steps = args.num_steps // 10 if args.warmup_steps is None else args.warmup_steps
+    derive_args(args, layout)
     config = load_config(args)
-    partition_config, tp_local_config = (load_partition_config(args.partition_config) if args.partition_config
-                                         else (builtin_partition_config(), []))
-    tp_config = autotp_config(partition_config)  # DeepSpeed's reading of the specs
-    layer_specs = tp_config.layer_specs
-    check_model_fits_tp(config, layout.tp, args.seq_length, custom_specs=bool(args.partition_config))
-    check_tp_local_config(config, tp_local_config, layout.tp)
-    with torch.device("meta"):  # shapes and names only: checks the specs before any weight is loaded
+    check_model_fits_tp(config, layout.tp, args.seq_length, bool(args.partition_config), tp_local_config)
+    with torch.device("meta"):  # shapes and names only: the specs are checked at this tp before any weight loads
         shapes_only = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
     plan = plan_partition(shapes_only, tp_config, layout.tp)
     args.compile = decide_compile(args, shapes_only)
-    if args.dry_run:
-        return dry_run(shapes_only, plan, layer_specs, layout, args)
+    if args.dry_run:  # (optional) the plan and the memory per rank, then stop
+        return dry_run(shapes_only, plan, tp_config.layer_specs, layout, args)
     check_output_dir(args.output_dir)
     resume_path, resumed = find_checkpoint(args) if args.resume_from_checkpoint else (None, None)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
@@ -1359,34 +1335,39 @@ def main(argv=None):
     tokenizer, blocks = run_local_main_first(lambda: prepare_data(args), args.local_rank)
     if len(tokenizer) > config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens, the model only {config.vocab_size} embeddings")
-    check_data_size(blocks, layout, args)
-
+    check_data_size(blocks, args)
     model = build_model(args, config, DTYPES[args.precision])
     probe = blocks["train"][0]["input_ids"][None, :VERIFY_TOKENS]  # the first training sequence
     reference = unsharded_outputs(model, probe, device) if args.verify_tp and layout.rank == 0 else None
     n_params, n_non_embedding = sum(p.numel() for p in model.parameters()), non_embedding_params(model)
     flops_per_token = 6 * n_non_embedding + 12 * config.num_hidden_layers * config.hidden_size * args.seq_length
     model_stats = {"parameters": n_params, "non_embedding_parameters": n_non_embedding, "flops_per_token": flops_per_token}
-    ds_config = build_ds_config(args, partition_config)
+
+    # 3. The DeepSpeed config.
+    evaluate_only = args.num_steps == 0 and not args.resume_from_checkpoint
+    ds_config = build_ds_config(args, partition_config, train=not evaluate_only)
     if layout.rank == 0:
         print(describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device), flush=True)
-        print(partition_summary(plan, layer_specs, layout.tp), flush=True)
-
-    evaluate_only = args.num_steps == 0 and not args.resume_from_checkpoint
+        print(partition_summary(plan, tp_config.layer_specs, layout.tp), flush=True)
+    # 4. deepspeed.initialize: AutoTP shards the model, ZeRO wraps the optimizer.
     engine = build_engine(model, args, layout, ds_config, train=not evaluate_only)
     check_partition(engine.module, plan)
     global_counts = localize_config(engine.module.config, tp_local_config, layout.tp)
-    verified = verify_tp(engine, probe.to(device), reference, plan, layer_specs, layout, args) if args.verify_tp else None
-    if resume_path:
+    verified = None
+    if args.verify_tp:  # (optional) sharded against unsharded, module by module
+        verified = verify_tp(engine, probe.to(device), reference, plan, tp_config.layer_specs, layout, args)
+    if resume_path:  # (optional)
         load_checkpoint(engine, resume_path, layout)
         log(layout, f"resumed from {resume_path} after step {resumed['step']}")
-    if args.compile:  # after verify_tp: its hooks read every module's output eagerly
+    if args.compile:  # (optional, the GPU default) after verify_tp: its hooks read every module's output eagerly
         log(layout, f"torch.compile: {compile_blocks(engine.module)}, compiled during the first step")
+    # 5 and 6. The loop: micro-batches from the DP-aware sampler, one train_step per optimizer step.
     history, evals, stopped_by = [], [], None
     if not args.export_only:
-        history, evals, stopped_by = train(engine, blocks, layout, args, device, flops_per_token, resumed)
+        meter = Meter.for_run(args, layout, device, flops_per_token)
+        history, evals, stopped_by = train(engine, blocks, layout, args, device, meter, resumed)
     export_dir = None
-    if args.export_only or (args.num_steps > 0 and not stopped_by and not args.skip_export):
+    if args.export_only or (args.num_steps > 0 and not stopped_by and not args.skip_export):  # (optional)
         export_dir = Path(args.output_dir) / "hf"
         export_hf(engine, tokenizer, layout, export_dir, global_counts)
         log(layout, f"exported the model (all TP shards gathered) to {export_dir}")
@@ -1396,6 +1377,24 @@ def main(argv=None):
         write_results(results, Path(args.output_dir))
     dist.barrier()  # leave together: a rank tearing down its process group while rank 0 still writes can abort it
     return results
+
+
+def describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device):
+    return "\n".join([
+        f"versions: python {platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
+        f"transformers {transformers.__version__}, datasets {datasets.__version__}",
+        f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU, gloo'})",
+        f"layout: world {layout.world_size} = tp {layout.tp} x dp {layout.dp}; TP groups "
+        f"{[list(range(d * layout.tp, (d + 1) * layout.tp)) for d in range(layout.dp)]}, DP groups "
+        f"{[list(range(t, layout.world_size, layout.tp)) for t in range(layout.tp)]}",
+        f"model: {args.model_name}, {n_params / 1e6:,.1f}M parameters ({n_non_embedding / 1e6:,.1f}M non-embedding), "
+        f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads, "
+        f"{args.precision}",
+        f"batch: {args.batch_size} per rank x {args.gradient_accumulation_steps} accumulation x {layout.dp} DP = "
+        f"{args.global_batch_size} sequences of {args.seq_length} = {args.tokens_per_step:,} tokens per step, "
+        f"{args.num_steps} steps",
+        "deepspeed config: " + json.dumps(ds_config),
+    ])
 
 
 def collect_results(args, layout, model_stats, history, evals, **outcome):
@@ -1433,3 +1432,4 @@ if __name__ == "__main__":
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+

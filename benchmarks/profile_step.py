@@ -50,8 +50,9 @@ def main():
     argv = [a for a in argv if a not in ("--phases_only", "--host_profile", "--kernel_groups", "--compile_whole")]
     shape = own["--shape"]
     args = S.parse_args(["--model_name", "builtin:" + shape, "--batch_size", "4", "--seq_length", "2048"] + argv)
-    args.tp_size, args.dp_size, args.warmup_steps = 1, 1, 0
+    args.warmup_steps = 0
     layout = S.resolve_layout(0, 1, 1, 1)
+    S.derive_args(args, layout)
     device = S.init_distributed(0)
     config = S.load_config(args)
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_length), device=device)

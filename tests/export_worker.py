@@ -22,9 +22,9 @@ from parity_worker import random_blocks  # noqa: E402
 def main():
     hf_dir, logits_path = sys.argv[1:3]
     args = S.parse_args(["--model_name", "builtin:tiny", "--precision", "fp32", "--seq_length", "32",
-                         "--num_steps", "3", "--learning_rate", "1e-2", "--tp_size", "2"])
+                         "--num_steps", "3", "--learning_rate", "1e-2", "--tp_size", "2", "--warmup_steps", "0"])
     layout = S.resolve_layout(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.tp_size, args.dp_size)
-    args.tp_size, args.dp_size, args.warmup_steps = layout.tp, layout.dp, 0
+    S.derive_args(args, layout)
     device = S.init_distributed(int(os.environ["LOCAL_RANK"]))
     config = S.load_config(args)
     dataset = random_blocks(16, args.seq_length, config.vocab_size, seed=2)

@@ -104,7 +104,7 @@ def run(args, layout, config, specs, optimizer_factory, dataset, device):
         result["qkv_rows_held_by_rank"] = held
 
     opt = optimizer_factory(reference.parameters())
-    sched = S.warmup_cosine(args)(opt)
+    sched = S.warmup_cosine_factory(args)(opt)
     batches, ref_batches = S.train_batches(dataset, layout, args, device), reference_batches(dataset, layout, args, device)
     result.update(losses=[], reference_losses=[], grad_norms=[], reference_grad_norms=[])
     for _ in range(STEPS):
@@ -146,7 +146,7 @@ def main():
     args = S.parse_args(["--model_name", "builtin:tiny", "--precision", "fp32", "--seq_length", "32",
                          "--num_steps", str(STEPS), "--warmup_steps", "2", "--learning_rate", "1e-2"] + argv)
     layout = S.resolve_layout(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.tp_size, args.dp_size)
-    args.tp_size, args.dp_size = layout.tp, layout.dp
+    S.derive_args(args, layout)
     device = S.init_distributed(int(os.environ["LOCAL_RANK"]))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on GPUs too
     config = S.load_config(args)
@@ -158,7 +158,7 @@ def main():
     sgd_args.max_grad_norm, sgd_args.learning_rate = 0.0, 0.5  # no clipping: it would hide a gradient-scale error
     sgd = lambda params: torch.optim.SGD(params, lr=sgd_args.learning_rate)  # noqa: E731
     results = {
-        "adamw": run(args, layout, config, (specs, local_counts), S.adamw(args), dataset, device),
+        "adamw": run(args, layout, config, (specs, local_counts), S.adamw_factory(args), dataset, device),
         "sgd": run(sgd_args, layout, config, (specs, local_counts), sgd, dataset, device),
         "wrong_specs": run(args, layout, config, wrong, None, dataset, device),
     }

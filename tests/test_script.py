@@ -144,6 +144,7 @@ import autotp_custom_patterns as S
 args = S.parse_args(["--model_name", "builtin:tiny", "--precision", sys.argv[2], "--seq_length", "32",
                      "--tp_size", "1", "--dp_size", "1", "--warmup_steps", "0"])
 layout = S.resolve_layout(0, 1, 1, 1)
+S.derive_args(args, layout)
 device = S.init_distributed(0)
 model = S.build_model(args, S.load_config(args), S.DTYPES[args.precision])
 engine = S.build_engine(model, args, layout, S.build_ds_config(args, S.builtin_partition_config()))
