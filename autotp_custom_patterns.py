@@ -36,6 +36,7 @@ Outputs in --output_dir: results.json (arguments, layout, curves, throughput), l
 `python autotp_custom_patterns.py --help` lists every knob.
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -178,9 +179,10 @@ class BatchSizeMPU:
 
 # ---- 3. The DeepSpeed config (and the non-finite guard that replaces its bf16 overflow check) ----
 
-def build_ds_config(args, partition_config, train=True):
+def build_ds_config(args, partition_config, train=True, load_universal=False):
     """The whole DeepSpeed configuration, evaluation-only variant included (train=False: ZeRO-0, no optimizer
-    states to shard). AutoTP is on because autotp_size is set: nothing else to call."""
+    states to shard). AutoTP is on because autotp_size is set: nothing else to call. load_universal: the
+    checkpoint to resume from is in DeepSpeed's universal form (written at another topology)."""
     return {
         "train_micro_batch_size_per_gpu": args.batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
@@ -194,6 +196,7 @@ def build_ds_config(args, partition_config, train=True):
         "fp16": {"enabled": args.precision == "fp16", "initial_scale_power": 16},
         "tensor_parallel": {"autotp_size": args.tp_size, "partition_config": partition_config},
         "steps_per_print": 10 ** 9,  # this script does its own logging
+        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
     }
 
 
@@ -280,10 +283,12 @@ def make_sampler(dataset, layout, seed):
 
 
 def train_batches(dataset, layout, args, device, skip=0):
-    """Endless micro-batches for this rank, reshuffled every epoch, after the first `skip` ones (a
-    resumed run skips what it already trained on: the order depends only on seed, epoch and position)."""
+    """Endless micro-batches for this rank, reshuffled every epoch, after the first `skip` ones (a resumed run
+    skips what it already trained on). Optimizer step s takes samples s*G .. (s+1)*G - 1 of the epoch's
+    permutation (G: the global batch), DP rank d every dp-th of them, so the data of each step depends only
+    on seed, epoch and G, not on how G splits into tp x dp, micro-batch and accumulation."""
     sampler = make_sampler(dataset, layout, args.seed)
-    per_epoch = len(sampler) // args.batch_size  # full micro-batches; the sampler's tail is dropped
+    per_epoch = len(dataset) // args.global_batch_size * args.gradient_accumulation_steps  # micro-batches
     for epoch in count(skip // per_epoch):
         sampler.set_epoch(epoch)
         start = args.batch_size * (skip - epoch * per_epoch if epoch == skip // per_epoch else 0)
@@ -349,10 +354,10 @@ def build_parser():
     a("--verify_tp", action="store_true", help="before training, compare the sharded model with the unsharded "
       "one on the first training sequence, module by module; stop if they differ")
     # parallelism
-    a("--tp_size", same_on_resume=True, type=int, default=None,
+    a("--tp_size", type=int, default=None,
       help="tensor-parallel ranks per model replica (default: world_size / dp_size, or world_size when neither is given)")
-    a("--dp_size", same_on_resume=True, type=int, default=None, help="DP replicas (default: world_size / tp_size)")
-    a("--zero_stage", same_on_resume=True, type=int, default=2, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
+    a("--dp_size", type=int, default=None, help="DP replicas (default: world_size / tp_size)")
+    a("--zero_stage", type=int, default=2, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
     a("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
       help="set by the deepspeed launcher; torchrun sets LOCAL_RANK instead")
     # data
@@ -370,8 +375,8 @@ def build_parser():
     a("--cache_dir", default=os.path.join(Path.home(), ".cache", "autotp_custom_patterns"),
       help="where the embedded corpus and trained tokenizers are kept")
     # optimisation
-    a("--batch_size", same_on_resume=True, type=int, default=1, help="micro-batch per rank (sequences)")
-    a("--gradient_accumulation_steps", same_on_resume=True, type=int, default=1, help="micro-batches per step")
+    a("--batch_size", type=int, default=1, help="micro-batch per rank (sequences)")
+    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per step")
     a("--seq_length", same_on_resume=True, type=int, default=512, help="tokens per training sequence")
     a("--num_steps", type=int, default=50, help="optimizer steps; 0 evaluates only")
     a("--learning_rate", type=float, default=1e-4, help="peak learning rate (AdamW)")
@@ -397,7 +402,7 @@ def build_parser():
     a("--keep_last", type=int, default=2, help="checkpoints kept on disk (the newest); 0 keeps all")
     a("--resume_from_checkpoint", default=None,
       help="continue from a checkpoint: its directory, a checkpoints/ directory, or 'latest' "
-           "(<output_dir>/checkpoints)")
+           "(<output_dir>/checkpoints); on another tp x dp or ZeRO stage through a universal checkpoint")
     a("--export_only", action="store_true",
       help="with --resume_from_checkpoint: write the Hugging Face model to <output_dir>/hf and stop")
     a("--skip_export", action="store_true", help="do not write <output_dir>/hf at the end of training")
@@ -683,11 +688,11 @@ def init_distributed(local_rank):
     return torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
 
 
-def run_local_main_first(fn, local_rank):
-    """Run fn on local rank 0 (filling the caches), then on the other ranks (reading them).
-    An error on local rank 0 is passed to every rank, so none is left waiting."""
+def leader_first(fn, leader):
+    """Run fn on the leader ranks (local rank 0: filling the node's caches; rank 0: a conversion), then on
+    the others (finding the work done). An error on a leader is passed to every rank, so none waits forever."""
     error, result = None, None
-    if local_rank == 0:
+    if leader:
         try:
             result = fn()
         except Exception as exc:  # any failure, so the waiting ranks hear of it
@@ -699,7 +704,7 @@ def run_local_main_first(fn, local_rank):
     first = next((m for m in messages if m), None)
     if first:
         raise UsageError(first)
-    return result if local_rank == 0 else fn()
+    return result if leader else fn()
 
 
 def write_atomically(path, text):
@@ -795,7 +800,7 @@ def pack_into_blocks(raw, tokenizer, seq_length, text_column, num_proc=None):
 
 
 def prepare_data(args):
-    """Raw text -> tokenizer -> packed blocks. Run on local rank 0 first (see run_local_main_first)."""
+    """Raw text -> tokenizer -> packed blocks. Run on local rank 0 first (leader_first)."""
     raw = load_text(args)
     for name, split in raw.items():
         if len(split) == 0:
@@ -1045,10 +1050,19 @@ def find_checkpoint(args):
         if meta["args"].get(name) != getattr(args, name):
             raise UsageError(f"--resume_from_checkpoint {given} was written with --{name} {meta['args'].get(name)}, "
                              f"this run has --{name} {getattr(args, name)}: use the checkpoint's value")
+    saved = meta["args"]
+    if topology(saved) != topology(vars(args)) and 0 in (saved["zero_stage"], args.zero_stage):
+        tp, dp, zero = topology(saved)
+        raise UsageError(f"--resume_from_checkpoint {given} was written at tp {tp} x dp {dp} with ZeRO-{zero}: another tp, "
+                         "dp or ZeRO stage goes through DeepSpeed's universal checkpoint, which needs ZeRO-1 or 2 on both "
+                         f"sides; resume with --tp_size {tp} --dp_size {dp} --zero_stage {zero}")
+    # checkpoints of earlier versions of this script count micro-batches
+    meta.setdefault("samples_consumed", meta["step"] * saved["batch_size"] * saved["gradient_accumulation_steps"]
+                    * saved["dp_size"])
     return path, meta
 
 
-def save_checkpoint(engine, args, layout, step, history, evals):
+def save_checkpoint(engine, args, layout, step, samples, history, evals):
     """Every rank writes its shards and optimizer state under checkpoints/<tag>; rank 0 then marks it
     complete (run.json) and only then moves the pointer, atomically. A kill at any moment leaves the
     pointer on the previous complete checkpoint. A tag is never reused, so nothing is overwritten."""
@@ -1063,8 +1077,7 @@ def save_checkpoint(engine, args, layout, step, history, evals):
     torch.save(rng_state(), root / tag / f"rng_rank{layout.rank:05d}.pt")
     dist.barrier()  # every rank's files are on disk
     if layout.rank == 0:
-        meta = {"step": step, "micro_batches_consumed": step * args.gradient_accumulation_steps,
-                "args": vars(args), "history": history, "evals": evals}
+        meta = {"step": step, "samples_consumed": samples, "args": vars(args), "history": history, "evals": evals}
         write_atomically(root / tag / "run.json", json.dumps(meta, indent=1))
         write_atomically(root / POINTER, tag)
         prune_checkpoints(root, args.keep_last)
@@ -1073,12 +1086,45 @@ def save_checkpoint(engine, args, layout, step, history, evals):
 
 
 def prune_checkpoints(root, keep_last):
-    """Delete leftovers of interrupted saves (no run.json) and all but the newest keep_last checkpoints."""
+    """Delete leftovers of interrupted saves and conversions (no run.json) and all but the newest keep_last
+    checkpoints, each with its universal copy."""
     dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_")]
-    complete = sorted((d for d in dirs if (d / "run.json").is_file()), key=lambda d: (d / "run.json").stat().st_mtime)
+    complete = sorted((d for d in dirs if (d / "run.json").is_file() and not d.name.endswith(UNIVERSAL)),
+                      key=lambda d: (d / "run.json").stat().st_mtime)
     doomed = [d for d in dirs if not (d / "run.json").is_file()] + (complete[:-keep_last] if keep_last else [])
-    for d in doomed:
+    for d in doomed + [d.with_name(d.name + UNIVERSAL) for d in doomed]:
         shutil.rmtree(d, ignore_errors=True)
+
+
+UNIVERSAL = "_universal"  # suffix of a checkpoint's universal copy, kept beside it
+
+
+def topology(run_args):
+    return run_args["tp_size"], run_args["dp_size"], run_args["zero_stage"]
+
+
+def universal_checkpoint(path, layout):
+    """DeepSpeed's universal form of a checkpoint (ds_to_universal: every parameter and optimizer state whole,
+    loadable at any tp x dp), converted once and kept beside it. The conversion runs in a .partial directory
+    renamed when complete, so one killed part-way is redone, never trusted."""
+    target = path.with_name(path.name + UNIVERSAL)
+    if (target / "run.json").is_file():
+        log(layout, f"reusing the universal checkpoint {target}")
+        return target
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    log(layout, f"converting {path} to a universal checkpoint (once; kept as {target})")
+    from deepspeed.checkpoint import ds_to_universal
+    partial.mkdir(parents=True)
+    with open(partial / "convert.log", "w") as out, contextlib.redirect_stdout(out):
+        ds_to_universal.main(argparse.Namespace(input_folder=str(path), output_folder=str(partial), strict=True,
+                                                num_extract_workers=4, num_merge_workers=2,
+                                                keep_temp_folder=False, inject_missing_state=False))
+    (path.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer: the tag is passed instead
+    shutil.copy2(path / "run.json", partial / "run.json")
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
 
 
 def rng_state():
@@ -1089,10 +1135,16 @@ def rng_state():
 
 
 def load_checkpoint(engine, path, layout):
-    """Weights, optimizer state (this rank's ZeRO partition), LR schedule, RNG. Same topology only."""
+    """Weights, optimizer state (this rank's ZeRO partition), LR schedule, and, written at this topology,
+    each rank's RNG state. A universal checkpoint has no RNG states for ranks that did not exist."""
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:
         raise UsageError(f"DeepSpeed could not load the checkpoint at {path}")
+    if path.name.endswith(UNIVERSAL):
+        dropout = any(m.p > 0 for m in engine.module.modules() if isinstance(m, torch.nn.Dropout))
+        log(layout, "random number streams start afresh (they are per rank)" + ("" if dropout else
+                    ": this model uses no dropout, so no computation changes"))
+        return
     state = torch.load(path / f"rng_rank{layout.rank:05d}.pt", weights_only=False)
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
@@ -1151,9 +1203,10 @@ def train(engine, blocks, layout, args, device, meter, resumed=None):
     step, the evaluations, and the name of the signal that stopped it early (or None)."""
     first = resumed["step"] + 1 if resumed else 1
     history, evals = (resumed["history"], resumed["evals"]) if resumed else ([], [])
+    samples = resumed["samples_consumed"] if resumed else 0  # where this rank's reading of the data resumes:
+    skip = samples // (args.batch_size * layout.dp)  # exactly, when the global batch is the one of the checkpoint
     data_wait = [0.0]  # host seconds spent waiting for the next batch
-    batches = timed(train_batches(blocks["train"], layout, args, device, skip=(first - 1) * args.gradient_accumulation_steps),
-                    data_wait)
+    batches = timed(train_batches(blocks["train"], layout, args, device, skip=skip), data_wait)
     stop = StopSignal()
     first_bad = torch.full((), math.inf, device=device)  # first step with a non-finite loss/grad norm, on device
     bar = tqdm(total=args.num_steps, initial=first - 1, unit="step", disable=None if layout.rank == 0 else True)
@@ -1161,6 +1214,7 @@ def train(engine, blocks, layout, args, device, meter, resumed=None):
     for step in range(first, args.num_steps + 1):
         lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside engine.step
         loss = train_step(engine, batches)
+        samples += args.global_batch_size
         first_bad = mark_non_finite(first_bad, step, loss, applied_grad_norm(engine))
         window_steps += 1
         bar.update()
@@ -1180,7 +1234,7 @@ def train(engine, blocks, layout, args, device, meter, resumed=None):
             evals.append(evaluate(engine, blocks["validation"], layout, args, device, step))
         if stopping or (args.save_interval and (step % args.save_interval == 0 or step == args.num_steps)):
             check_finite(first_bad)  # never checkpoint a diverged model
-            log(layout, f"saved checkpoint {save_checkpoint(engine, args, layout, step, history, evals)}")
+            log(layout, f"saved checkpoint {save_checkpoint(engine, args, layout, step, samples, history, evals)}")
         window_start += time.perf_counter() - pause_start
         if stopping:
             log(layout, f"received {stop.received}: stopped after step {step} with a checkpoint; continue "
@@ -1332,7 +1386,15 @@ def main(argv=None):
         print("warning: bf16 with ZeRO-0 keeps no fp32 master weights; use --zero_stage 1 or 2", flush=True)
 
     device = init_distributed(args.local_rank)
-    tokenizer, blocks = run_local_main_first(lambda: prepare_data(args), args.local_rank)
+    universal = resumed is not None and topology(resumed["args"]) != topology(vars(args))
+    if universal:  # (optional) resume at another topology: convert the checkpoint once
+        log(layout, "{} was written at tp {} x dp {} (ZeRO-{}), resuming at tp {} x dp {} (ZeRO-{}) through a universal "
+                    "checkpoint".format(resume_path, *topology(resumed["args"]), *topology(vars(args))))
+        resume_path = leader_first(lambda: universal_checkpoint(resume_path, layout), layout.rank == 0)
+    if resumed is not None and resumed["samples_consumed"] != resumed["step"] * args.global_batch_size:
+        log(layout, f"the global batch is now {args.global_batch_size} sequences: the data goes on after the "
+                    f"{resumed['samples_consumed']} samples the checkpoint consumed, not where this batch would be")
+    tokenizer, blocks = leader_first(lambda: prepare_data(args), args.local_rank == 0)
     if len(tokenizer) > config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens, the model only {config.vocab_size} embeddings")
     check_data_size(blocks, args)
@@ -1345,7 +1407,7 @@ def main(argv=None):
 
     # 3. The DeepSpeed config.
     evaluate_only = args.num_steps == 0 and not args.resume_from_checkpoint
-    ds_config = build_ds_config(args, partition_config, train=not evaluate_only)
+    ds_config = build_ds_config(args, partition_config, train=not evaluate_only, load_universal=universal)
     if layout.rank == 0:
         print(describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device), flush=True)
         print(partition_summary(plan, tp_config.layer_specs, layout.tp), flush=True)

@@ -2,17 +2,22 @@
 
   * a run killed with SIGKILL and resumed from its latest checkpoint gives, at every later step, the
     loss of the same run left alone (within 1e-6);
+  * the same checkpoint resumed at tp=4 x dp=1 (micro-batch doubled: the same global batch) and at tp=1 x dp=2,
+    through a universal checkpoint converted once: every later loss and the final eval within 1e-5 of the
+    run left alone, and its export equal to the left-alone run's in plain transformers; a second resume
+    reuses the conversion; a conversion killed part-way is redone; --export_only works from either kind;
   * SIGTERM: the ranks agree to stop, save at the step they reached, exit 0; resuming continues exactly;
   * the exported model, loaded by plain transformers in a fresh process (no DeepSpeed), gives the
     sharded model's logits (tests/export_worker.py) and, passed back as --model_name, the training
     run's last eval loss at tp=1 and tp=4;
-  * resuming with another topology and a diverging loss each end in one `error:` line (the other
-    bad inputs are checked in tests/test_units.py).
+  * a topology change from ZeRO-0 and a diverging loss each end in one `error:` line (the other bad
+    inputs are checked in tests/test_units.py).
 
-Run: python -m pytest tests/test_checkpoints.py -q   (about three minutes on 2 cores)
+Run: python -m pytest tests/test_checkpoints.py -q   (about four minutes on 2 cores)
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +30,7 @@ from test_parity import ROOT, torchrun
 from test_script import SCRIPT, error_line, run_script
 
 TOL = 1e-6
+TOPOLOGY_TOL = 1e-5  # another tp x dp sums the same terms in another order
 # Short fp32 run with a loss every step and a checkpoint every 4 steps; the last step is 14. At 60 tokens
 # the embedded text holds out 35 blocks, which neither 2 nor 3 DP ranks divide.
 RUN = ["--tp_size", "2", "--dp_size", "2", "--precision", "fp32", "--seq_length", "60", "--num_steps", "14",
@@ -78,32 +84,125 @@ def pointer(out):
     return path.read_text().strip() if path.is_file() else None
 
 
-def assert_same_losses_after(resumed, reference, step):
+def assert_same_losses_after(resumed, reference, step, tol=TOL):
     ours = {r["step"]: r["loss"] for r in resumed["train"]}
     theirs = {r["step"]: r["loss"] for r in reference["train"]}
     later = [s for s in theirs if s > step]
     assert later and all(s in ours for s in later), (sorted(ours), later)
     worst = max(abs(ours[s] - theirs[s]) for s in later)
-    assert worst < TOL, f"max loss difference after resuming at step {step}: {worst:.2e}"
-    assert abs(resumed["eval"][-1]["loss"] - reference["eval"][-1]["loss"]) < TOL
+    assert worst < tol, f"max loss difference after resuming at step {step}: {worst:.2e}"
+    assert abs(resumed["eval"][-1]["loss"] - reference["eval"][-1]["loss"]) < tol
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path, cache, uninterrupted):
-    _, reference = uninterrupted
-    proc = launch(tmp_path, cache, *RUN)
-    wait_for(proc, lambda: pointer(tmp_path) == "step_0000008", "the step-8 checkpoint")
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, cache):
+    """RUN killed with SIGKILL once its step-8 checkpoint is complete: (its output dir, the step it saved last)."""
+    out = tmp_path_factory.mktemp("killed")
+    proc = launch(out, cache, *RUN)
+    wait_for(proc, lambda: pointer(out) == "step_0000008", "the step-8 checkpoint")
     for pid in workers_of(proc.pid) + [proc.pid]:  # the workers run in sessions of their own
         os.kill(pid, signal.SIGKILL)
     proc.wait()
     time.sleep(1)  # were a worker still alive, it would move the pointer past step 8 now
-    saved = int(pointer(tmp_path).split("_")[1])
+    saved = int(pointer(out).split("_")[1])
     assert 8 <= saved < 14
+    return out, saved
 
+
+def checkpoints_of(killed, out):
+    """A copy of the killed run's checkpoints in out, for one test to resume from; the step saved last."""
+    shutil.copytree(killed[0] / "checkpoints", Path(out) / "checkpoints")
+    return killed[1]
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path, cache, uninterrupted, killed):
+    _, reference = uninterrupted
+    saved = checkpoints_of(killed, tmp_path)
     proc, resumed = run_script(4, tmp_path, cache, *RUN, "--resume_from_checkpoint", "latest")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert resumed["resumed_from"].endswith(f"step_{saved:07d}")
+    assert "through a universal checkpoint" not in proc.stdout  # the same topology loads DeepSpeed's directly
     assert_same_losses_after(resumed, reference, saved)
     assert [r["step"] for r in resumed["train"]] == list(range(1, 15))  # the curve carries over
+
+
+def plain_logits_diff(hf_a, hf_b):
+    """Max logit difference of two exported models, each loaded by plain transformers (no DeepSpeed)."""
+    check = ("import sys, torch, transformers; assert 'deepspeed' not in sys.modules\n"
+             "ids = torch.randint(0, 8000, (2, 48), generator=torch.Generator().manual_seed(0))\n"
+             "a, b = (transformers.AutoModelForCausalLM.from_pretrained(d)(input_ids=ids).logits for d in sys.argv[1:])\n"
+             "print((a - b).abs().max().item())")
+    proc = subprocess.run([sys.executable, "-c", check, str(hf_a), str(hf_b)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return float(proc.stdout.split()[-1])
+
+
+def resume_at(out, cache, nproc, tp, dp, batch, *extra):
+    """RUN resumed from its step-8 checkpoint (named, not 'latest': later saves do not move what it reads) at
+    another tp x dp with the same global batch of 2 sequences."""
+    return run_script(nproc, out, cache, *RUN, "--tp_size", tp, "--dp_size", dp, "--batch_size", batch,
+                      "--keep_last", "0", "--resume_from_checkpoint", Path(out) / "checkpoints" / "step_0000008", *extra)
+
+
+def test_resume_at_tp4_dp1_continues_the_run_and_reuses_its_conversion(tmp_path, cache, uninterrupted, killed):
+    out, reference = uninterrupted
+    checkpoints_of(killed, tmp_path)
+    proc, resumed = resume_at(tmp_path, cache, 4, 4, 1, 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("step_0000008 was written at tp 2 x dp 2 (ZeRO-2), resuming at tp 4 x dp 1 (ZeRO-2) through a "
+            "universal checkpoint") in proc.stdout and "converting" in proc.stdout
+    assert resumed["resumed_from"].endswith("step_0000008_universal")
+    assert_same_losses_after(resumed, reference, 8, TOPOLOGY_TOL)
+    assert plain_logits_diff(tmp_path / "hf", out / "hf") < TOPOLOGY_TOL
+
+    proc, again = resume_at(tmp_path, cache, 4, 4, 1, 2, "--skip_export")  # the same resume, a second time
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reusing the universal checkpoint" in proc.stdout and "converting" not in proc.stdout
+    assert_same_losses_after(again, reference, 8, TOPOLOGY_TOL)
+
+
+KILLED_CONVERSION = """
+import os, pathlib, signal, sys
+sys.path.insert(0, sys.argv[1])
+import autotp_custom_patterns as S
+from deepspeed.checkpoint import ds_to_universal
+# SIGKILL at the converter's second step, once its first has written the ZeRO fragments
+ds_to_universal._merge_tp_slice_files = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+S.universal_checkpoint(pathlib.Path(sys.argv[2]), S.Layout(0, 1, 1, 1))
+"""
+
+
+def test_a_conversion_killed_part_way_is_redone_at_tp1_dp2(tmp_path, cache, uninterrupted, killed):
+    _, reference = uninterrupted
+    checkpoints_of(killed, tmp_path)
+    step8 = tmp_path / "checkpoints" / "step_0000008"
+    proc = subprocess.run([sys.executable, "-c", KILLED_CONVERSION, str(ROOT), str(step8)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    partial = step8.with_name("step_0000008_universal.partial")
+    assert any((partial / "tmp").iterdir()) and not step8.with_name("step_0000008_universal").exists()
+
+    proc, resumed = resume_at(tmp_path, cache, 2, 1, 2, 1, "--skip_export")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming at tp 1 x dp 2 (ZeRO-2)" in proc.stdout and "converting" in proc.stdout
+    assert not partial.exists()
+    assert_same_losses_after(resumed, reference, 8, TOPOLOGY_TOL)
+
+
+def test_export_only_from_a_checkpoint_of_another_topology(tmp_path, cache, killed):
+    """The step-8 weights exported at tp=1 x dp=2 (through the universal checkpoint) and at the topology that
+    wrote them (directly) are the same model."""
+    checkpoints_of(killed, tmp_path)
+    exports = []
+    for nproc, tp, dp in ((2, 1, 2), (4, 2, 2)):
+        out = tmp_path / f"tp{tp}"
+        proc, results = run_script(nproc, out, cache, *RUN, "--tp_size", tp, "--dp_size", dp, "--export_only",
+                                   "--resume_from_checkpoint", tmp_path / "checkpoints" / "step_0000008")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert results["train"] == [] and ("through a universal checkpoint" in proc.stdout) == (tp == 1)
+        exports.append(out / "hf")
+    assert plain_logits_diff(*exports) < TOPOLOGY_TOL
 
 
 def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, cache, uninterrupted):
@@ -156,12 +255,12 @@ def test_exported_model_evaluates_like_the_training_run(tmp_path, cache, uninter
     assert evaluated["verify_tp"]["worst_relative_diff"] < 1e-4  # a trained model, sharded again at this tp
 
 
-def test_resume_with_another_topology_is_refused(tmp_path, cache, uninterrupted):
+def test_a_topology_change_to_zero0_is_refused(tmp_path, cache, uninterrupted):
     """The launched form of the checks that tests/test_units.py makes one by one."""
     out, _ = uninterrupted
-    proc, _ = run_script(4, tmp_path, cache, *RUN[4:], "--tp_size", "4", "--dp_size", "1",
+    proc, _ = run_script(4, tmp_path, cache, *RUN[4:], "--tp_size", "4", "--dp_size", "1", "--zero_stage", "0",
                          "--resume_from_checkpoint", out / "checkpoints")
-    assert "was written with --tp_size 2, this run has --tp_size 4" in error_line(proc)
+    assert "needs ZeRO-1 or 2 on both sides; resume with --tp_size 2 --dp_size 2 --zero_stage 2" in error_line(proc)
     assert "AutoTP partition" not in proc.stdout and not (tmp_path / "results.json").exists()
 
 

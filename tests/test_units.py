@@ -285,11 +285,40 @@ def test_the_first_non_finite_step_is_kept_on_the_device():
 def test_resumed_batches_continue_where_the_run_stopped(n, batch, skip):
     """Skipping k micro-batches (across epoch ends too) gives what the (k+1)-th read of a fresh run gives."""
     dataset = datasets.Dataset.from_dict({"input_ids": [[i] for i in range(n)]}).with_format("torch")
-    layout, args = S.resolve_layout(1, 4, tp=2), args_for("--batch_size", str(batch))
+    layout = S.resolve_layout(1, 4, tp=2)
+    args = args_for("--batch_size", str(batch))
+    S.derive_args(args, layout)
     fresh = S.train_batches(dataset, layout, args, torch.device("cpu"))
     resumed = S.train_batches(dataset, layout, args, torch.device("cpu"), skip=skip)
     expected = [b.tolist() for b in itertools.islice(fresh, skip, skip + 30)]
     assert [b.tolist() for b in itertools.islice(resumed, 30)] == expected
+
+
+# G = 8 sequences per optimizer step, split five ways: (world, tp, micro-batch, accumulation)
+SPLITS_OF_8 = [(1, 1, 8, 1), (2, 1, 4, 1), (4, 2, 2, 2), (8, 1, 1, 1), (2, 2, 2, 4)]
+
+
+def samples_per_step(dataset, world, tp, batch, accumulation, skip_steps=0, steps=30):
+    """The sorted sample ids each optimizer step reads, over all DP ranks (one rank per TP group)."""
+    layouts = [S.resolve_layout(rank, world, tp=tp) for rank in range(0, world, tp)]
+    args = args_for("--batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation))
+    S.derive_args(args, layouts[0])
+    streams = [S.train_batches(dataset, l, args, torch.device("cpu"), skip=skip_steps * accumulation) for l in layouts]
+    return [sorted(i for stream in streams for _ in range(accumulation) for i in next(stream).flatten().tolist())
+            for _ in range(steps)]
+
+
+@pytest.mark.parametrize("n", [103, 64])
+def test_each_step_reads_the_same_samples_however_the_global_batch_is_split(n):
+    """The data order is the global batch's: step s reads the same 8 samples whatever tp x dp, micro-batch
+    and accumulation make up the 8 (over 30 steps: across epoch ends), and a run resumed in another split
+    after k steps reads from step k on what the uninterrupted run reads (the resume path across topologies)."""
+    dataset = datasets.Dataset.from_dict({"input_ids": [[i] for i in range(n)]}).with_format("torch")
+    reference = samples_per_step(dataset, *SPLITS_OF_8[0])
+    assert all(len(set(step)) == 8 for step in reference) and reference[0] != reference[n // 8]  # reshuffled
+    for split in SPLITS_OF_8[1:]:
+        assert samples_per_step(dataset, *split) == reference, split
+        assert samples_per_step(dataset, *split, skip_steps=11, steps=19) == reference[11:], split
 
 
 def fake_checkpoint(root, tag, args, complete=True):
@@ -314,9 +343,19 @@ def test_find_checkpoint_follows_the_pointer_and_rejects_what_is_not_one(tmp_pat
         with pytest.raises(S.UsageError, match="no complete checkpoint at"):
             S.find_checkpoint(args)
     args.resume_from_checkpoint = "latest"
-    for flag, value in (("seq_length", 1024), ("model_name", "builtin:pythia-70m"), ("dp_size", 1)):
+    for flag, value in (("seq_length", 1024), ("model_name", "builtin:pythia-70m"), ("seed", 7),
+                        ("partition_config", "other.json")):
         changed = argparse.Namespace(**{**vars(args), flag: value})
         with pytest.raises(S.UsageError, match=f"written with --{flag} .*, this run has --{flag} {value}"):
+            S.find_checkpoint(changed)
+    # the topology may change (through a universal checkpoint), but not from or to ZeRO-0
+    for flags in ({"tp_size": 4, "dp_size": 1}, {"dp_size": 1, "batch_size": 2}, {"zero_stage": 1}):
+        changed = argparse.Namespace(**{**vars(args), **flags})
+        assert S.find_checkpoint(changed)[0] == root / "step_0000004"
+    for zero in (0,):
+        changed = argparse.Namespace(**{**vars(args), "tp_size": 4, "dp_size": 1, "zero_stage": zero})
+        with pytest.raises(S.UsageError, match="needs ZeRO-1 or 2 on both sides; resume with --tp_size 2 --dp_size 2 "
+                                               "--zero_stage 2"):
             S.find_checkpoint(changed)
 
 
@@ -330,6 +369,13 @@ def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
     assert sorted(d.name for d in tmp_path.iterdir()) == ["step_0000004", "step_0000006"]
     S.prune_checkpoints(tmp_path, keep_last=0)  # 0 keeps all
     assert len(list(tmp_path.iterdir())) == 2
+    # a universal copy goes with its checkpoint, does not count as one, and a half-done conversion is removed
+    fake_checkpoint(tmp_path, "step_0000004_universal", args)
+    fake_checkpoint(tmp_path, "step_0000006_universal.partial", args, complete=False)
+    time.sleep(0.01)
+    fake_checkpoint(tmp_path, "step_0000010", args)
+    S.prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(d.name for d in tmp_path.iterdir()) == ["step_0000006", "step_0000010"]
 
 
 def test_output_dir_must_be_writable(tmp_path):
