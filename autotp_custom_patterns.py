@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -51,6 +52,7 @@ import shutil
 import signal
 import socket
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.parse
@@ -65,6 +67,7 @@ import torch.distributed as dist
 import transformers
 from deepspeed.accelerator import get_accelerator
 from deepspeed.module_inject.autotp_config import AutoTPConfig, PartitionType, TPLayerSpec
+from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.utils import groups
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
@@ -89,6 +92,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Dense bf16/fp16 tensor-core peak per GPU, TFLOP/s; the first name found in the device name wins.
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "B200": 2250,
                "A100": 312, "L40S": 362}
+# DeepSpeed's monitors (config sections), each with the package it needs; the CSV monitor needs none
+MONITORS = {"tensorboard": "tensorboard", "csv_monitor": None, "wandb": "wandb", "comet": "comet_ml"}
 TEXT_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -179,11 +184,12 @@ class BatchSizeMPU:
 
 # ---- 3. The DeepSpeed config (and the non-finite guard that replaces its bf16 overflow check) ----
 
-def build_ds_config(args, partition_config, train=True, load_universal=False):
+def build_ds_config(args, partition_config, train=True, load_universal=False, user_config=None):
     """The whole DeepSpeed configuration, evaluation-only variant included (train=False: ZeRO-0, no optimizer
     states to shard). AutoTP is on because autotp_size is set: nothing else to call. load_universal: the
-    checkpoint to resume from is in DeepSpeed's universal form (written at another topology)."""
-    return {
+    checkpoint to resume from is in DeepSpeed's universal form (written at another topology). user_config:
+    --deepspeed_config and --report_to, merged in (merge_user_config)."""
+    return merge_user_config(args, {
         "train_micro_batch_size_per_gpu": args.batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "gradient_clipping": args.max_grad_norm,  # DeepSpeed clips at 1.0 unless told otherwise
@@ -194,10 +200,12 @@ def build_ds_config(args, partition_config, train=True, load_universal=False):
         # this line only together with that guard.
         "bf16": {"enabled": args.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": args.precision == "fp16", "initial_scale_power": 16},
-        "tensor_parallel": {"autotp_size": args.tp_size, "partition_config": partition_config},
+        "tensor_parallel": {"autotp_size": args.tp_size, "partition_config": partition_config,
+                            "vocab_parallel_lm_head": args.vocab_parallel, "tp_overlap_comm": args.tp_overlap_comm},
+        **({"compile": {"deepcompile": True, "passes": ["autotp"]}} if args.deepcompile else {}),
         "steps_per_print": 10 ** 9,  # this script does its own logging
         **({"checkpoint": {"load_universal": True}} if load_universal else {}),
-    }
+    }, user_config or {})
 
 
 def mark_non_finite(first_bad, step, loss, grad_norm):
@@ -253,9 +261,11 @@ def build_engine(model, args, layout, ds_config, optimizer=None, train=True):
     the device and wraps the optimizer in ZeRO. train=False (with build_ds_config(train=False)): no
     optimizer, so no fp32 master weights or optimizer state."""
     # At tp=1 DeepSpeed builds no AutoTP groups and would take its DP group from the mpu; it needs none.
+    # an optimizer or scheduler in the config (--deepspeed_config) is DeepSpeed's to build
+    own_optimizer, own_schedule = train and "optimizer" not in ds_config, train and "scheduler" not in ds_config
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
-                                           optimizer=(optimizer or adamw_factory(args)) if train else None,
-                                           lr_scheduler=warmup_cosine_factory(args) if train else None,
+                                           optimizer=(optimizer or adamw_factory(args)) if own_optimizer else None,
+                                           lr_scheduler=warmup_cosine_factory(args) if own_schedule else None,
                                            mpu=BatchSizeMPU(layout) if layout.tp > 1 else None)
     check_groups(engine, layout)
     return engine
@@ -358,6 +368,15 @@ def build_parser():
       help="tensor-parallel ranks per model replica (default: world_size / dp_size, or world_size when neither is given)")
     a("--dp_size", type=int, default=None, help="DP replicas (default: world_size / tp_size)")
     a("--zero_stage", type=int, default=2, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
+    # DeepSpeed's TP accelerations (tensor_parallel and compile sections of its config)
+    a("--vocab_parallel", action=argparse.BooleanOptionalAction, default=None,
+      help="split the output head by vocabulary over the TP ranks and compute the loss on the shards "
+           "(vocab_parallel_lm_head): 1/tp of the head's weights, gradients, optimizer state and logits per rank. "
+           "Default: on with tp > 1 (but for --deepcompile, which cannot take it)")
+    a("--tp_overlap_comm", action="store_true", help="overlap the all-reduce of each column-parallel layer's input "
+      "gradient with its weight-gradient matmul in the backward pass")
+    a("--deepcompile", action="store_true", help="DeepCompile with its autotp pass: the TP collectives become graph "
+      "ops and the whole model compiles to one graph, in place of --compile's per-block graphs")
     a("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
       help="set by the deepspeed launcher; torchrun sets LOCAL_RANK instead")
     # data
@@ -375,9 +394,11 @@ def build_parser():
     a("--cache_dir", default=os.path.join(Path.home(), ".cache", "autotp_custom_patterns"),
       help="where the embedded corpus and trained tokenizers are kept")
     # optimisation
-    a("--batch_size", type=int, default=1, help="micro-batch per rank (sequences)")
+    a("--batch_size", type=int, default=None, help="micro-batch per rank (sequences). Default: 1 on CPU; on a GPU "
+      "the largest power of two whose activations fit beside the model states (estimated, printed at start)")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per step")
-    a("--seq_length", same_on_resume=True, type=int, default=512, help="tokens per training sequence")
+    a("--seq_length", same_on_resume=True, type=int, default=None,
+      help="tokens per training sequence. Default: 512 on CPU, 2048 on GPUs")
     a("--num_steps", type=int, default=50, help="optimizer steps; 0 evaluates only")
     a("--learning_rate", type=float, default=1e-4, help="peak learning rate (AdamW)")
     a("--weight_decay", type=float, default=0.01, help="AdamW weight decay for matrices (not biases, norms)")
@@ -394,6 +415,11 @@ def build_parser():
     a("--log_interval", type=int, default=5, help="log every N steps (each log syncs the host)")
     a("--eval_interval", type=int, default=25, help="evaluate every N steps (and at the end); 0: only at the end")
     a("--peak_tflops", type=float, default=None, help="accelerator peak TFLOP/s for MFU (default: detected)")
+    a("--report_to", default=None, choices=list(MONITORS), help="also send the logged metrics to this DeepSpeed "
+      "monitor (files under <output_dir>/monitor; other monitor settings through --deepspeed_config)")
+    a("--deepspeed_config", default=None, help="a DeepSpeed config (JSON) merged into the one the script builds: its "
+      "settings win, except those the script sets from its flags (micro-batch, accumulation, clipping, precision, "
+      "ZeRO stage, tensor_parallel, compile), which must agree with them")
     a("--output_dir", default="output",
       help="results.json, loss_curve.png, checkpoints/ and the exported Hugging Face model hf/")
     # checkpoints and export
@@ -411,14 +437,14 @@ def build_parser():
 
 def check_args(args):
     """Checks that need no model and no process group. Raises UsageError naming the flag to change."""
-    for name in ("batch_size", "gradient_accumulation_steps", "seq_length", "log_interval"):
+    for name in ("gradient_accumulation_steps", "log_interval"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("num_steps", "eval_interval", "weight_decay", "max_grad_norm", "warmup_steps", "save_interval",
                  "keep_last"):
         if (getattr(args, name) or 0) < 0:
             raise UsageError(f"--{name} must be zero or positive, got {getattr(args, name)}")
-    for name in ("tp_size", "dp_size", "preprocessing_num_workers"):  # None: derived or default
+    for name in ("tp_size", "dp_size", "preprocessing_num_workers", "batch_size", "seq_length"):  # None: default
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.learning_rate <= 0:
@@ -427,6 +453,8 @@ def check_args(args):
         raise UsageError("--validation_split_percentage must be between 0 and 100")
     if args.partition_config and not Path(args.partition_config).is_file():
         raise UsageError(f"--partition_config {args.partition_config} does not exist")
+    if args.deepspeed_config and not Path(args.deepspeed_config).is_file():
+        raise UsageError(f"--deepspeed_config {args.deepspeed_config} does not exist")
     if args.export_only and not args.resume_from_checkpoint:
         raise UsageError("--export_only exports a checkpoint: give --resume_from_checkpoint too")
     if args.dataset_name and args.train_file:
@@ -447,13 +475,143 @@ def check_args(args):
             raise UsageError(f"unknown built-in model {name!r}: use builtin: with one of {', '.join(BUILTIN_SHAPES)}")
 
 
-def derive_args(args, layout):
-    """The values that follow from the flags and the layout, computed once and kept in args (and so in
-    results.json): tp and dp, the default warmup, and the batch arithmetic."""
+def check_tp_features(args, layout):
+    """The TP accelerations need tp > 1, and DeepSpeed 0.19.8 cannot combine DeepCompile's autotp pass with
+    the other two: refused here, before any weight loads."""
+    wanted = [f"--{name}" for name in ("vocab_parallel", "tp_overlap_comm", "deepcompile") if getattr(args, name)]
+    if wanted and layout.tp == 1:
+        raise UsageError(f"{' and '.join(wanted)} act on tensor-parallel layers: use them with --tp_size > 1")
+    if args.deepcompile and (args.vocab_parallel or args.tp_overlap_comm or args.compile):
+        other = "--tp_overlap_comm" if args.tp_overlap_comm else "--compile" if args.compile else "--vocab_parallel"
+        raise UsageError(f"--deepcompile cannot be combined with {other} (DeepSpeed's autotp pass "
+                         + ("compiles the whole model itself)" if other == "--compile" else "does not support it)")
+                         + (": add --no-vocab_parallel" if other == "--vocab_parallel" else ""))
+
+
+def derive_args(args, layout, config=None):
+    """The values that follow from the flags, the machine and the layout, computed once and kept in args (and
+    so in results.json): the device defaults, tp and dp, the TP accelerations, the default warmup and
+    micro-batch (sized to the GPU's memory given the model's config), and the batch arithmetic."""
+    device_defaults(args)
     args.tp_size, args.dp_size = layout.tp, layout.dp
+    check_tp_features(args, layout)
+    if args.vocab_parallel is None:  # on by default where it applies
+        args.vocab_parallel = layout.tp > 1 and not args.deepcompile
     args.warmup_steps = args.num_steps // 10 if args.warmup_steps is None else args.warmup_steps
+    args.micro_batch_sized = args.batch_size is None and config is not None and torch.cuda.is_available()
+    if args.batch_size is None:
+        args.batch_size = default_micro_batch(args, config, layout) if args.micro_batch_sized else 1
     args.global_batch_size = args.batch_size * args.gradient_accumulation_steps * layout.dp  # sequences per step
     args.tokens_per_step = args.global_batch_size * args.seq_length
+
+
+# ---- A DeepSpeed config of your own (--deepspeed_config), and DeepSpeed's monitors (--report_to) ------
+
+# What the script sets from its flags: a config of the user's may repeat these values, not change them.
+SCRIPT_OWNED = {"train_micro_batch_size_per_gpu": "--batch_size", "gradient_accumulation_steps": "--gradient_accumulation_steps",
+                "train_batch_size": "--batch_size, --gradient_accumulation_steps and dp", "gradient_clipping": "--max_grad_norm",
+                "bf16.enabled": "--precision", "fp16.enabled": "--precision", "zero_optimization.stage": "--zero_stage",
+                "tensor_parallel": "--tp_size, --partition_config, --vocab_parallel or --tp_overlap_comm",
+                "compile": "--deepcompile"}
+
+
+def user_ds_config(args):
+    """The settings to merge into the script's DeepSpeed config: --deepspeed_config's, and the monitor that
+    --report_to asks for (files under <output_dir>/monitor). A monitor whose package is missing is refused."""
+    config = {}
+    if args.deepspeed_config:
+        try:
+            config = json.loads(Path(args.deepspeed_config).read_text())
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--deepspeed_config {args.deepspeed_config} is not valid JSON: {exc}")
+        if not isinstance(config, dict):
+            raise UsageError(f"--deepspeed_config {args.deepspeed_config} is not a DeepSpeed config (a JSON object of "
+                             f"its sections, e.g. {{\"zero_optimization\": {{...}}}}), got a {type(config).__name__}")
+    if args.report_to:
+        section = config.setdefault(args.report_to, {})
+        section.setdefault("enabled", True)
+        if args.report_to in ("tensorboard", "csv_monitor"):
+            section.setdefault("output_path", str(Path(args.output_dir) / "monitor"))
+            section.setdefault("job_name", "train")
+    for name, package in MONITORS.items():
+        enabled = isinstance(config.get(name), dict) and config[name].get("enabled")
+        if enabled and package and importlib.util.find_spec(package) is None:
+            raise UsageError(f"the {name} monitor needs the {package} package: pip install {package}")
+    return config
+
+
+def merge_user_config(args, ours, theirs):
+    """A user's DeepSpeed config merged over the script's, key by key: theirs wins, except where the script's
+    flags set the value (SCRIPT_OWNED): the same value is fine, another one is refused, naming the flag."""
+    for key, flag in SCRIPT_OWNED.items():
+        value, mine = dig(theirs, key), dig(ours, key)
+        mine = args.global_batch_size if key == "train_batch_size" else mine
+        if isinstance(value, dict) and isinstance(mine, dict):  # a section of the script's: each key must agree
+            key, value, mine = next(((f"{key}.{k}", v, mine.get(k, MISSING)) for k, v in value.items()
+                                     if mine.get(k, MISSING) != v), (key, MISSING, mine))
+        if value is MISSING or value == mine:
+            continue
+        raise UsageError(f"--deepspeed_config sets {key} to {json.dumps(value)}, the script's flags to "
+                         f"{'nothing' if mine is MISSING else json.dumps(mine)}: set it with {flag} instead")
+    return deep_merge(ours, theirs)
+
+
+MISSING = object()
+
+
+def training_settings(user_config):
+    """A user's DeepSpeed settings that a resumed run must repeat: all but the monitors."""
+    return {k: v for k, v in (user_config or {}).items() if k not in MONITORS}
+
+
+def dig(config, dotted):
+    for part in dotted.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return MISSING
+        config = config[part]
+    return config
+
+
+def deep_merge(base, over):
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = deep_merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def check_ds_config(ds_config, where):
+    """DeepSpeed's own reading of the merged config (DeepSpeedConfig, no process group needed): what it
+    rejects, and top-level keys it never reads (a misspelt section it would ignore), each a one-line error."""
+    read = set()
+
+    class Reading(dict):  # records the keys DeepSpeed looks at
+        def get(self, key, *default):
+            read.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key):
+            read.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            read.add(key)
+            return super().__contains__(key)
+
+    config = Reading({k: v for k, v in ds_config.items() if k != "train_batch_size"})  # checked against dp already
+    try:
+        DeepSpeedConfig(config)
+    except Exception as exc:  # pydantic's ValidationError, DeepSpeed's asserts: the message is what counts
+        raise UsageError(f"{where}: DeepSpeed rejects the resulting config: {' '.join(str(exc).split())[:400]}")
+    unread = sorted(set(config) - read)
+    if unread:
+        raise UsageError(f"{where}: DeepSpeed does not read {unread} (misspelt? it would ignore them silently)")
+
+
+def report(engine, prefix, record):
+    """The logged figures to the DeepSpeed monitors the config enables (rank 0 writes), against the step."""
+    if engine.monitor.enabled:
+        engine.monitor.write_events([(f"{prefix}/{name}", value, record["step"]) for name, value in record.items()
+                                     if name != "step" and value is not None])
 
 
 # ---- Spec files and the partition plan: checked on the model's shapes before any weight loads ----
@@ -541,33 +699,41 @@ def expected_local_shape(global_shape, spec, tp):
     return tuple(n // tp if d == dim else n for d, n in enumerate(global_shape))
 
 
-def plan_partition(model, tp_config, tp):
+# The output head under --vocab_parallel: DeepSpeed splits it by vocabulary before any spec is consulted.
+VOCAB_PARALLEL_HEAD = TPLayerSpec(patterns=["(the output head, --vocab_parallel)"], partition_type=PartitionType.COLUMN)
+
+
+def plan_partition(model, tp_config, tp, vocab_parallel=False):
     """Map every parameter of the modules AutoTP routes through the specs (those with a 2-D weight:
-    Linears, embeddings) to (spec index or None, global shape, expected local shape), matching names
-    the way deepspeed.initialize will (AutoTPConfig.find_matching_spec). Fails on a spec that matches
+    Linears, embeddings) to (its spec or None, global shape, expected local shape), matching names the
+    way deepspeed.initialize will (AutoTPConfig.find_matching_spec). Fails on a spec that matches
     nothing, on a transformer-block Linear that no spec covers, and, with strict_mode, on any Linear left
     unmatched (DeepSpeed would fail there, after loading the weights)."""
-    plan, specs = {}, tp_config.layer_specs
+    plan = {}
     for module_name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             continue
         spec = tp_config.find_matching_spec(module_name + ".weight", model.config.model_type)
+        if vocab_parallel and isinstance(module, torch.nn.Linear) and module_name.split(".")[-1] in tp_config.lm_head_patterns:
+            spec = VOCAB_PARALLEL_HEAD
         if spec is None and tp_config.strict_mode and not isinstance(module, torch.nn.Embedding):
             raise UsageError(f"partition_config strict_mode: no layer spec matches {module_name}.weight; add one "
                              "(partition_type skip keeps it whole) or drop strict_mode")
         if spec is not None and spec.partition_type != PartitionType.SKIP:
             check_spec_shape(module_name + ".weight", weight.shape, spec, tp)
-        index = None if spec is None else next(i for i, s in enumerate(specs) if s is spec)
         for kind, param in module.named_parameters(recurse=False):
-            plan[f"{module_name}.{kind}"] = (index, tuple(param.shape), expected_local_shape(param.shape, spec, tp))
-    for i, spec in enumerate(specs):
-        if not any(index == i for index, _, _ in plan.values()):
+            plan[f"{module_name}.{kind}"] = (spec, tuple(param.shape), expected_local_shape(param.shape, spec, tp))
+    if vocab_parallel and not any(spec is VOCAB_PARALLEL_HEAD for spec, _, _ in plan.values()):
+        raise UsageError(f"--vocab_parallel: this model has no Linear named {' or '.join(tp_config.lm_head_patterns)} "
+                         "(the output heads DeepSpeed can split by vocabulary): use --no-vocab_parallel")
+    for i, spec in enumerate(tp_config.layer_specs):
+        if not any(planned is spec for planned, _, _ in plan.values()):
             example = next((n for n in plan if n.endswith(".weight") and ".layers." in n), next(iter(plan), "?"))
             excluded = f" (its model_types {spec.model_types} leave out {model.config.model_type})" if spec.model_types else ""
             raise UsageError(f"layer spec {i} {spec.patterns} matches no Linear weight of this model{excluded}: "
                              f"fix its pattern (names look like {example}; --dry_run lists them all)")
-    missed = [n for n, (index, _, _) in plan.items() if index is None and ".layers." in n]
+    missed = [n for n, (spec, _, _) in plan.items() if spec is None and ".layers." in n]
     if missed:
         raise UsageError(f"no layer spec covers {missed[0]} (and {len(missed) - 1} more): it would stay "
                          "replicated on every TP rank; add a pattern for it")
@@ -586,8 +752,8 @@ def check_partition(model, plan):
 def partition_summary(plan, specs, tp):
     """specs: DeepSpeed's TPLayerSpec objects (AutoTPConfig.layer_specs)."""
     rows = [f"AutoTP partition (tp={tp}), global -> per-rank shapes:"]
-    for i, spec in enumerate(specs + [None]):
-        names = [n for n, (index, _, _) in plan.items() if index == (i if spec else None)]
+    for spec in specs + [VOCAB_PARALLEL_HEAD, None]:
+        names = [n for n, (planned, _, _) in plan.items() if planned is spec]
         if not names:
             continue
         _, global_shape, local_shape = plan[names[0]]
@@ -596,7 +762,7 @@ def partition_summary(plan, specs, tp):
     return "\n".join(rows)
 
 
-def check_model_fits_tp(config, tp, seq_length, custom_specs, tp_local_config=()):
+def check_model_fits_tp(config, tp, seq_length, custom_specs, tp_local_config=(), vocab_parallel=False):
     if config.model_type != "gpt_neox" and not custom_specs:
         raise UsageError(f"the built-in layer specs are for GPT-NeoX; for {config.model_type} write your own "
                          "and pass them with --partition_config (README: Adapt it to your model)")
@@ -606,6 +772,9 @@ def check_model_fits_tp(config, tp, seq_length, custom_specs, tp_local_config=()
             raise UsageError(f"--tp_size {tp} must divide the {heads} attention heads ({name})")
     if getattr(config, "intermediate_size", None) and config.intermediate_size % tp:
         raise UsageError(f"--tp_size {tp} must divide the MLP width {config.intermediate_size}")
+    if vocab_parallel and config.vocab_size % tp:
+        raise UsageError(f"--vocab_parallel splits the {config.vocab_size}-token vocabulary: --tp_size {tp} must divide "
+                         "it, or use --no-vocab_parallel")
     if seq_length > getattr(config, "max_position_embeddings", seq_length):
         raise UsageError(f"--seq_length {seq_length} exceeds the model's maximum of "
                          f"{config.max_position_embeddings} positions")
@@ -633,11 +802,11 @@ def dry_run(model, plan, specs, layout, args):
     total = sum(p.numel() for p in model.parameters())
     rows, local = [], 0
     for name, param in model.named_parameters():
-        index, global_shape, local_shape = plan.get(name, (None, tuple(param.shape), tuple(param.shape)))
+        spec, global_shape, local_shape = plan.get(name, (None, tuple(param.shape), tuple(param.shape)))
         local += math.prod(local_shape)
         if name in plan and name.endswith(".weight"):
-            spec = specs[index] if index is not None else None
-            kind, label = ("replicated", "-") if spec is None else (spec.partition_type.value, f"{index}: {spec.patterns[0]}")
+            index = next((f"{i}: " for i, s in enumerate(specs) if s is spec), "")
+            kind, label = ("replicated", "-") if spec is None else (spec.partition_type.value, index + spec.patterns[0])
             if spec is not None and spec.shape:
                 label += f" shape={json.dumps(spec.shape)}"
             rows.append({"weight": name, "spec": label, "type": kind, "global": global_shape, "per_rank": local_shape})
@@ -649,6 +818,12 @@ def dry_run(model, plan, specs, layout, args):
               for r in rows]
     lines.append("memory per rank (estimate, GiB; activations and communication buckets not included): "
                  + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
+    head = [r for r in rows if plan[r["weight"]][0] is VOCAB_PARALLEL_HEAD]
+    if head:  # what the whole head would cost on top, per rank
+        whole = memory_per_rank_gib(local + sum(math.prod(r["global"]) - math.prod(r["per_rank"]) for r in head), layout, args)
+        lines.append(f"the vocab-parallel head ({head[0]['global']} -> {head[0]['per_rank']} per rank) saves "
+                     f"{whole['total'] - memory['total']:.2f} GiB per rank of weights, gradients and optimizer state, "
+                     f"and its logits take 1/{layout.tp} of the memory")
     warnings = [f"warning: {r['weight']} {r['global']} ({math.prod(r['global']) / 1e6:.1f}M parameters, "
                 f"{100 * math.prod(r['global']) / total:.0f}% of the model) stays whole on every TP rank"
                 for r in rows if r["type"] == "replicated" and math.prod(r["global"]) > 0.02 * total]
@@ -714,13 +889,23 @@ def write_atomically(path, text):
     os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
 
 
-def embedded_corpus(cache_dir):
-    """The English help text shipped inside Python (pydoc_data.topics, ~465 KB): one JSON line per topic."""
-    from pydoc_data.topics import topics
-    path = Path(cache_dir) / f"pydoc_topics_{platform.python_version()}.jsonl"
+def embedded_corpus(cache_dir, large=False):
+    """Text that ships with every Python, one JSON line per document: its English help topics
+    (pydoc_data.topics, ~465 KB), or, large, the source of its standard library outside the test folders
+    (~12 MB of .py files, enough for full 2048-token batches on a GPU)."""
+    path = Path(cache_dir) / f"{'stdlib' if large else 'pydoc_topics'}_{platform.python_version()}.jsonl"
     if not path.exists():
+        if large:
+            stdlib, docs = Path(sysconfig.get_paths()["stdlib"]), []
+            skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+            for file in sorted(stdlib.rglob("*.py")):
+                if not skip & set(file.relative_to(stdlib).parts):
+                    docs.append(file.read_text(encoding="utf-8", errors="replace"))
+        else:
+            from pydoc_data.topics import topics
+            docs = [topics[k] for k in sorted(topics)]
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, "".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)))
+        write_atomically(path, "".join(json.dumps({"text": doc}) + "\n" for doc in docs))
     return str(path)
 
 
@@ -737,7 +922,7 @@ def load_text(args):
         train = raw["train"]
         validation = raw.get("validation")
     else:
-        train = load_file(args.train_file or embedded_corpus(args.cache_dir))
+        train = load_file(args.train_file or embedded_corpus(args.cache_dir, large=torch.cuda.is_available()))
         validation = None
     if args.validation_file:
         validation = load_file(args.validation_file)
@@ -824,8 +1009,27 @@ def check_data_size(blocks, args):
 
 # ---- Model: config, weights, and torch.compile of the sharded blocks -----------------------------
 
-def default_model_name():
-    return BUILTIN_PREFIX + ("pythia-410m" if torch.cuda.is_available() else "tiny")
+def device_defaults(args):
+    """What is left unset depends on the machine: a laptop's CPU gets the tiny model on short sequences, GPUs
+    a Pythia-410M shape on 2048-token sequences (the micro-batch is sized later, to the GPU's memory)."""
+    gpu = torch.cuda.is_available()
+    args.model_name = args.model_name or BUILTIN_PREFIX + ("pythia-410m" if gpu else "tiny")
+    args.seq_length = args.seq_length or (2048 if gpu else 512)
+
+
+def default_micro_batch(args, config, layout):
+    """The largest power of two of sequences whose activations fit in 85% of the GPU's memory beside the
+    model states (12 L h^2 block weights split over tp, the embedding and head V h each, the head split
+    too under --vocab_parallel): per sequence, s * L * h * (10 + 24 / tp) bytes in the blocks (Korthikanti
+    et al.'s count for bf16 without the attention scores, which SDPA never stores) and 8 bytes per token
+    and vocabulary entry for the logits and their fp32 loss (/tp when split)."""
+    L, h, V, tp = config.num_hidden_layers, config.hidden_size, config.vocab_size, layout.tp
+    local_params = 12 * L * h * h / tp + V * h * (1 + (1 / tp if args.vocab_parallel else 1))
+    free = 0.85 * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    free -= memory_per_rank_gib(local_params, layout, args)["total"] * 2 ** 30
+    per_sequence = args.seq_length * (L * h * (10 + 24 / tp) + 8 * V / (tp if args.vocab_parallel else 1))
+    fits = int(free // per_sequence)
+    return 2 ** int(math.log2(fits)) if fits >= 1 else 1
 
 
 def load_config(args):
@@ -907,7 +1111,7 @@ def decide_compile(args, model):
     the shapes-only model, before any weight is loaded."""
     blocks = repeated_blocks(model)
     if args.compile is None:
-        return get_accelerator().device_name() == "cuda" and bool(blocks)
+        return get_accelerator().device_name() == "cuda" and bool(blocks) and not args.deepcompile
     if args.compile and not blocks:
         raise UsageError(f"--compile: {type(model).__name__} names no repeated blocks (_no_split_modules); "
                          "use --no-compile")
@@ -937,9 +1141,10 @@ VERIFY_TOKENS = 256  # of the first training sequence: enough to exercise attent
 VERIFY_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
 
 
-def module_outputs(model, input_ids, keep=True):
-    """One forward pass; returns the loss, the logits and the first tensor output of every module (fp32,
-    on the host), in the order they ran. Ranks that keep nothing still take part in the collectives."""
+def module_outputs(model, input_ids, keep=True, vocab_parallel=False):
+    """One forward pass; returns the loss, the logits (whole, gathered from the TP ranks under
+    --vocab_parallel) and the first tensor output of every module (fp32, on the host), in the order they
+    ran. Ranks that keep nothing still take part in the collectives."""
     outputs = {}
 
     def record(name):
@@ -959,7 +1164,15 @@ def module_outputs(model, input_ids, keep=True):
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return out.loss.float().item(), out.logits.detach().float().cpu(), outputs
+    logits = gather_vocab_shards(out.logits) if vocab_parallel else out.logits
+    return out.loss.float().item(), logits.detach().float().cpu(), outputs
+
+
+def gather_vocab_shards(logits):
+    """The whole logits from a vocab-parallel head's per-rank slices (TP rank r holds vocabulary slice r)."""
+    shards = [torch.empty_like(logits) for _ in range(groups.get_tensor_model_parallel_world_size())]
+    dist.all_gather(shards, logits.contiguous(), group=groups.get_tensor_model_parallel_group())
+    return torch.cat(shards, dim=-1)
 
 
 def unsharded_outputs(model, probe, device):
@@ -975,14 +1188,14 @@ def unsharded_outputs(model, probe, device):
             torch.cuda.reset_peak_memory_stats(device)
 
 
-def verify_tp(engine, probe, reference, plan, specs, layout, args):
+def verify_tp(engine, probe, reference, plan, layout, args):
     """Compare the sharded model with the unsharded one module by module (where both produce the same
     shape: column-parallel outputs are shards, checked through the modules after them). Rank 0 judges,
     every rank learns the verdict; a difference beyond the precision's tolerance stops the run."""
-    loss, logits, outputs = module_outputs(engine.module, probe, keep=layout.rank == 0)
+    loss, logits, outputs = module_outputs(engine.module, probe, keep=layout.rank == 0, vocab_parallel=args.vocab_parallel)
     verdict = [None, None]
     if layout.rank == 0:
-        verdict = first_disagreement(reference, (loss, logits, outputs), plan, specs,
+        verdict = first_disagreement(reference, (loss, logits, outputs), plan,
                                      VERIFY_TOLERANCE[args.precision], args.precision)
     dist.broadcast_object_list(verdict, src=0)
     error, report = verdict
@@ -994,7 +1207,7 @@ def verify_tp(engine, probe, reference, plan, specs, layout, args):
     return report
 
 
-def first_disagreement(reference, sharded, plan, specs, tolerance, precision):
+def first_disagreement(reference, sharded, plan, tolerance, precision):
     """The first module where the sharded and unsharded outputs disagree: (error message naming it, None), or
     (None, report) when none does. Modules in execution order; at the first one over tolerance, the
     suspects are the sharded Linears that ran since the last output that agreed (a column-parallel
@@ -1010,7 +1223,7 @@ def first_disagreement(reference, sharded, plan, specs, tolerance, precision):
         rel = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
         worst = max(worst, (name, rel), key=lambda w: w[1])
         if not rel <= tolerance:
-            suspects = [f"{n} ({describe_spec(specs[plan[n + '.weight'][0]])})" for n in since_last_good
+            suspects = [f"{n} ({describe_spec(plan[n + '.weight'][0])})" for n in since_last_good
                         if plan.get(n + ".weight", (None,))[0] is not None]
             return (f"--verify_tp: the sharded model differs from the unsharded one first at {name} (relative "
                     f"difference {rel:.2e}, tolerance {tolerance:.0e} for {precision}; loss {loss:.4f} vs "
@@ -1051,14 +1264,19 @@ def find_checkpoint(args):
             raise UsageError(f"--resume_from_checkpoint {given} was written with --{name} {meta['args'].get(name)}, "
                              f"this run has --{name} {getattr(args, name)}: use the checkpoint's value")
     saved = meta["args"]
+    ours = training_settings(saved.get("user_deepspeed_config"))
+    theirs = training_settings(getattr(args, "user_deepspeed_config", None))
+    if ours != theirs:
+        raise UsageError(f"--resume_from_checkpoint {given} was written with the --deepspeed_config settings "
+                         f"{json.dumps(ours)[:300]}, this run has {json.dumps(theirs)[:300]}: use the same")
     if topology(saved) != topology(vars(args)) and 0 in (saved["zero_stage"], args.zero_stage):
         tp, dp, zero = topology(saved)
         raise UsageError(f"--resume_from_checkpoint {given} was written at tp {tp} x dp {dp} with ZeRO-{zero}: another tp, "
                          "dp or ZeRO stage goes through DeepSpeed's universal checkpoint, which needs ZeRO-1 or 2 on both "
                          f"sides; resume with --tp_size {tp} --dp_size {dp} --zero_stage {zero}")
     # checkpoints of earlier versions of this script count micro-batches
-    meta.setdefault("samples_consumed", meta["step"] * saved["batch_size"] * saved["gradient_accumulation_steps"]
-                    * saved["dp_size"])
+    if "samples_consumed" not in meta:
+        meta["samples_consumed"] = meta["step"] * saved["batch_size"] * saved["gradient_accumulation_steps"] * saved["dp_size"]
     return path, meta
 
 
@@ -1077,7 +1295,8 @@ def save_checkpoint(engine, args, layout, step, samples, history, evals):
     torch.save(rng_state(), root / tag / f"rng_rank{layout.rank:05d}.pt")
     dist.barrier()  # every rank's files are on disk
     if layout.rank == 0:
-        meta = {"step": step, "samples_consumed": samples, "args": vars(args), "history": history, "evals": evals}
+        meta = {"step": step, "samples_consumed": samples, "args": vars(args), "history": history, "evals": evals,
+                "deepspeed_config": engine.config}
         write_atomically(root / tag / "run.json", json.dumps(meta, indent=1))
         write_atomically(root / POINTER, tag)
         prune_checkpoints(root, args.keep_last)
@@ -1226,6 +1445,7 @@ def train(engine, blocks, layout, args, device, meter, resumed=None):
                            | {"data_wait_fraction": data_wait[0] / elapsed})
             data_wait[0] = 0.0
             log(layout, format_record(history[-1]))
+            report(engine, "train", history[-1])
             bar.set_postfix(loss=f"{loss:.3f}")
             window_start, window_steps = time.perf_counter(), 0
         stopping = stop.agreed()
@@ -1271,8 +1491,10 @@ def evaluate(engine, dataset, layout, args, device, step):
     dist.all_reduce(totals, group=engine.data_parallel_group)
     engine.train()
     loss = (totals[0] / totals[1]).item()
-    log(layout, f"eval  {step:5d} | loss {loss:.4f} | perplexity {math.exp(min(loss, 80.0)):.2f}")
-    return {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 80.0)), "blocks": int(totals[1].item())}
+    record = {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 80.0)), "blocks": int(totals[1].item())}
+    log(layout, f"eval  {step:5d} | loss {loss:.4f} | perplexity {record['perplexity']:.2f}")
+    report(engine, "eval", record)
+    return record
 
 
 @dataclass(frozen=True)
@@ -1356,7 +1578,7 @@ def plot_losses(history, evals, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.model_name = args.model_name or default_model_name()
+    device_defaults(args)
     check_args(args)
     # 1. The layer specs: the built-in GPT-NeoX ones, or a --partition_config file.
     partition_config, tp_local_config = (load_partition_config(args.partition_config) if args.partition_config
@@ -1367,17 +1589,24 @@ def main(argv=None):
     if args.dry_run and "WORLD_SIZE" not in os.environ:  # a plain `python` call describing tp x dp ranks
         world = (args.tp_size or 1) * (args.dp_size or 1)
     layout = resolve_layout(int(os.environ.get("RANK", 0)), world, args.tp_size, args.dp_size)
-    derive_args(args, layout)
     config = load_config(args)
-    check_model_fits_tp(config, layout.tp, args.seq_length, bool(args.partition_config), tp_local_config)
+    derive_args(args, layout, config)
+    check_model_fits_tp(config, layout.tp, args.seq_length, bool(args.partition_config), tp_local_config,
+                        args.vocab_parallel)
     with torch.device("meta"):  # shapes and names only: the specs are checked at this tp before any weight loads
         shapes_only = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
-    plan = plan_partition(shapes_only, tp_config, layout.tp)
+    plan = plan_partition(shapes_only, tp_config, layout.tp, args.vocab_parallel)
     args.compile = decide_compile(args, shapes_only)
     if args.dry_run:  # (optional) the plan and the memory per rank, then stop
         return dry_run(shapes_only, plan, tp_config.layer_specs, layout, args)
     check_output_dir(args.output_dir)
+    args.user_deepspeed_config = user_ds_config(args)  # kept in results.json and each checkpoint's run.json
     resume_path, resumed = find_checkpoint(args) if args.resume_from_checkpoint else (None, None)
+    universal = resumed is not None and topology(resumed["args"]) != topology(vars(args))
+    # 3. The DeepSpeed config, yours merged in, checked by DeepSpeed's own reading before any heavy work.
+    evaluate_only = args.num_steps == 0 and not args.resume_from_checkpoint
+    ds_config = build_ds_config(args, partition_config, not evaluate_only, universal, args.user_deepspeed_config)
+    check_ds_config(ds_config, f"--deepspeed_config {args.deepspeed_config}" if args.deepspeed_config else "--report_to")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
     if layout.rank == 0 and layout.tp > local_world:
         print(f"warning: tp={layout.tp} spans more than one node ({local_world} ranks per node): "
@@ -1386,7 +1615,6 @@ def main(argv=None):
         print("warning: bf16 with ZeRO-0 keeps no fp32 master weights; use --zero_stage 1 or 2", flush=True)
 
     device = init_distributed(args.local_rank)
-    universal = resumed is not None and topology(resumed["args"]) != topology(vars(args))
     if universal:  # (optional) resume at another topology: convert the checkpoint once
         log(layout, "{} was written at tp {} x dp {} (ZeRO-{}), resuming at tp {} x dp {} (ZeRO-{}) through a universal "
                     "checkpoint".format(resume_path, *topology(resumed["args"]), *topology(vars(args))))
@@ -1404,10 +1632,6 @@ def main(argv=None):
     n_params, n_non_embedding = sum(p.numel() for p in model.parameters()), non_embedding_params(model)
     flops_per_token = 6 * n_non_embedding + 12 * config.num_hidden_layers * config.hidden_size * args.seq_length
     model_stats = {"parameters": n_params, "non_embedding_parameters": n_non_embedding, "flops_per_token": flops_per_token}
-
-    # 3. The DeepSpeed config.
-    evaluate_only = args.num_steps == 0 and not args.resume_from_checkpoint
-    ds_config = build_ds_config(args, partition_config, train=not evaluate_only, load_universal=universal)
     if layout.rank == 0:
         print(describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device), flush=True)
         print(partition_summary(plan, tp_config.layer_specs, layout.tp), flush=True)
@@ -1417,12 +1641,15 @@ def main(argv=None):
     global_counts = localize_config(engine.module.config, tp_local_config, layout.tp)
     verified = None
     if args.verify_tp:  # (optional) sharded against unsharded, module by module
-        verified = verify_tp(engine, probe.to(device), reference, plan, tp_config.layer_specs, layout, args)
+        verified = verify_tp(engine, probe.to(device), reference, plan, layout, args)
     if resume_path:  # (optional)
         load_checkpoint(engine, resume_path, layout)
         log(layout, f"resumed from {resume_path} after step {resumed['step']}")
     if args.compile:  # (optional, the GPU default) after verify_tp: its hooks read every module's output eagerly
         log(layout, f"torch.compile: {compile_blocks(engine.module)}, compiled during the first step")
+    elif args.deepcompile:  # (optional) the whole model, TP collectives in the graph
+        engine.compile()
+        log(layout, "DeepCompile with the autotp pass: the whole model, compiled during the first step")
     # 5 and 6. The loop: micro-batches from the DP-aware sampler, one train_step per optimizer step.
     history, evals, stopped_by = [], [], None
     if not args.export_only:
@@ -1434,7 +1661,8 @@ def main(argv=None):
         export_hf(engine, tokenizer, layout, export_dir, global_counts)
         log(layout, f"exported the model (all TP shards gathered) to {export_dir}")
     results = collect_results(args, layout, model_stats, history, evals, verify_tp=verified, stopped_by=stopped_by,
-                              resumed_from=resumed and str(resume_path), export_dir=export_dir and str(export_dir))
+                              resumed_from=resumed and str(resume_path), export_dir=export_dir and str(export_dir),
+                              deepspeed_config=engine.config)
     if layout.rank == 0:
         write_results(results, Path(args.output_dir))
     dist.barrier()  # leave together: a rank tearing down its process group while rank 0 still writes can abort it
@@ -1452,7 +1680,8 @@ def describe_run(args, layout, config, n_params, n_non_embedding, ds_config, dev
         f"model: {args.model_name}, {n_params / 1e6:,.1f}M parameters ({n_non_embedding / 1e6:,.1f}M non-embedding), "
         f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads, "
         f"{args.precision}",
-        f"batch: {args.batch_size} per rank x {args.gradient_accumulation_steps} accumulation x {layout.dp} DP = "
+        f"batch: {args.batch_size} per rank{' (sized to the GPU memory; --batch_size to set)' if args.micro_batch_sized else ''}"
+        f" x {args.gradient_accumulation_steps} accumulation x {layout.dp} DP = "
         f"{args.global_batch_size} sequences of {args.seq_length} = {args.tokens_per_step:,} tokens per step, "
         f"{args.num_steps} steps",
         "deepspeed config: " + json.dumps(ds_config),

@@ -1,9 +1,13 @@
 """Single-GPU benchmark: the example script against two baselines on the same model, batch and length.
 
-  plain      a plain PyTorch loop: fp32 weights on the GPU, autocast bf16, fused AdamW
-  naive_ds   a naive DeepSpeed ZeRO-2 loop: bf16 model, torch AdamW (default implementation), no tuning
-  script     autotp_custom_patterns.py itself (tp=1, dp=1, AutoTP configured), with its defaults plus any
-             extra arguments given after --script_args
+  plain           a plain PyTorch loop: fp32 weights on the GPU, autocast bf16, fused AdamW
+  plain_compiled  the same loop as a performance-minded user writes it: each GPT-NeoX block and the loss
+                  through torch.compile (as the script does), gradient clipping at 1.0
+                  (plain_compiled_noclip: the same without clipping, to show what clipping costs)
+  naive_ds        a naive DeepSpeed ZeRO-2 loop: bf16 model, torch AdamW (default implementation), no tuning
+  script          autotp_custom_patterns.py itself (tp=1, dp=1, AutoTP configured), with its defaults plus any
+                  extra arguments given after --script_args; --variant NAME="ARGS" adds a run script:NAME with
+                  ARGS as well (repeatable)
 
 Each runs in its own process on random-init built-in Pythia shapes and random tokens (script: the embedded
 text). Warm-up steps are excluded; the GPU is synchronised before each clock read. MFU uses the script's
@@ -31,7 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--seq_length", type=int, default=2048)
     p.add_argument("--steps", type=int, default=20, help="timed steps, after the warm-up")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--runs", default="plain,naive_ds,script", help="which of plain, naive_ds, script to run")
+    p.add_argument("--runs", default="plain,naive_ds,script", help="which of plain, plain_compiled, naive_ds, script")
+    p.add_argument("--variant", action="append", default=[], help='NAME="ARGS": one more script run with ARGS')
     p.add_argument("--out", default="bench.json", help="JSON table written here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one baseline
     p.add_argument("--script_args", nargs=argparse.REMAINDER, default=[],
@@ -53,14 +58,19 @@ def baseline(args):
     torch.manual_seed(0)
     device = torch.device("cuda")
     tokens = torch.randint(0, config.vocab_size, (args.warmup + args.steps, args.batch_size, args.seq_length))
-    if args.worker == "plain":
+    if args.worker.startswith("plain"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        compiled, clip = args.worker.startswith("plain_compiled"), args.worker == "plain_compiled"
+        if compiled:
+            S.compile_blocks(model)
 
         def step(ids):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     else:
@@ -91,12 +101,12 @@ def baseline(args):
                                                args.seq_length)}
 
 
-def run_script(args, out_dir):
+def run_script(args, out_dir, extra=()):
     steps = args.warmup + args.steps
     cmd = [sys.executable, str(ROOT / "autotp_custom_patterns.py"), "--model_name", "builtin:" + args.shape,
            "--batch_size", str(args.batch_size), "--seq_length", str(args.seq_length), "--num_steps", str(steps),
            "--log_interval", str(args.warmup), "--eval_interval", "0", "--skip_export", "--output_dir", str(out_dir),
-           *args.script_args]
+           *args.script_args, *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-4000:])
@@ -124,9 +134,12 @@ def main():
     name = torch.cuda.get_device_name(0)
     peak = next(tf * 1e12 for key, tf in S.PEAK_TFLOPS.items() if key in name)
     table = {}
-    for run in args.runs.split(","):
-        if run == "script":
-            table[run] = run_script(args, Path(args.out).with_suffix("") / "script")
+    variants = dict(v.split("=", 1) for v in args.variant)
+    for run in args.runs.split(",") + [f"script:{name}" for name in variants]:
+        if run.startswith("script"):
+            name = run.partition(":")[2]
+            table[run] = run_script(args, Path(args.out).with_suffix("") / run.replace(":", "_"),
+                                    variants[name].split() if name else ())
         else:
             cmd = [sys.executable, __file__, "--worker", run, "--shape", args.shape, "--batch_size", str(args.batch_size),
                    "--seq_length", str(args.seq_length), "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -137,7 +150,7 @@ def main():
         table[run]["mfu"] = table[run]["flops_per_token"] * table[run]["tokens_per_s"] / peak
         print(run, json.dumps(table[run]), flush=True)
     for run in table:
-        for other in ("plain", "naive_ds"):
+        for other in ("plain", "plain_compiled", "naive_ds"):
             if other in table and other != run:
                 table[run][f"speed_vs_{other}"] = table[run]["tokens_per_s"] / table[other]["tokens_per_s"]
     meta = {"gpu": name, "peak_tflops": peak / 1e12, "shape": args.shape, "batch_size": args.batch_size,
@@ -146,14 +159,16 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "runs": table}, indent=2))
     print(f"\n{name}, {args.shape}, micro-batch {args.batch_size} x {args.seq_length} tokens, {args.steps} timed steps")
-    print(f"{'run':10s} {'tokens/s':>10s} {'MFU':>6s} {'step ms':>8s} {'peak GiB':>9s} {'vs plain':>9s} {'vs naive DS':>12s}")
+    print(f"{'run':22s} {'tokens/s':>10s} {'MFU':>6s} {'step ms':>8s} {'peak GiB':>9s} {'vs plain':>9s} "
+          f"{'vs compiled':>12s} {'vs naive DS':>12s}")
     def ratio(run, other, width):  # 1.00 against itself, a dash when that baseline did not run
         value = 1.0 if run == other else table[run].get(f"speed_vs_{other}")
         return f"{'-':>{width}s}" if value is None else f"{value:{width}.2f}"
 
     for run, r in table.items():
-        print(f"{run:10s} {r['tokens_per_s']:10,.0f} {100 * r['mfu']:5.1f}% {1000 * r['step_time_s']:8.0f} "
-              f"{r['peak_memory_gib']:9.1f} {ratio(run, 'plain', 9)} {ratio(run, 'naive_ds', 12)}")
+        print(f"{run:22s} {r['tokens_per_s']:10,.0f} {100 * r['mfu']:5.1f}% {1000 * r['step_time_s']:8.0f} "
+              f"{r['peak_memory_gib']:9.1f} {ratio(run, 'plain', 9)} {ratio(run, 'plain_compiled', 12)} "
+              f"{ratio(run, 'naive_ds', 12)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """One process of the export test (tests/test_checkpoints.py launches it with torchrun; not a test itself).
 
-Shards the tiny GPT-NeoX at tp=2, trains a few steps (so the weights are no longer their init), then
+Shards the tiny GPT-NeoX at tp=2 (the output head split by vocabulary, the default), trains a few steps (so the weights are no longer their init), then
 calls the script's export_hf. Rank 0 saves the sharded model's logits on a probe batch next to the
 export; the test reloads the export with plain transformers in a fresh process and compares.
 
@@ -41,6 +41,7 @@ def main():
     engine.eval()
     with torch.no_grad():
         logits = engine(input_ids=probe).logits
+        logits = S.gather_vocab_shards(logits) if args.vocab_parallel else logits  # the head is split by vocabulary
     if layout.rank == 0:
         torch.save({"input_ids": probe.cpu(), "logits": logits.cpu()}, logits_path)
 

@@ -68,9 +68,12 @@ def upstream_shape_specs(config):
     return partition_config
 
 
-def step0_logits_diff(engine, reference, input_ids):
+def step0_logits_diff(engine, reference, input_ids, vocab_parallel):
+    """Largest logit difference before training; a vocab-parallel head's logits are gathered first."""
     with torch.no_grad():
-        return (engine(input_ids=input_ids).logits - reference(input_ids=input_ids).logits).abs().max().item()
+        logits = engine(input_ids=input_ids).logits
+        logits = S.gather_vocab_shards(logits) if vocab_parallel else logits
+        return (logits - reference(input_ids=input_ids).logits).abs().max().item()
 
 
 def qkv_heads_held(engine, reference, config, layout):
@@ -94,8 +97,12 @@ def run(args, layout, config, specs, optimizer_factory, dataset, device):
     ds_config["zero_allow_untested_optimizer"] = True  # ZeRO asks for this with SGD
     engine = S.build_engine(model, args, layout, ds_config, optimizer=optimizer_factory)
     S.localize_config(engine.module.config, local_counts, layout.tp)
+    if args.deepcompile:
+        engine.compile()
     probe = next(iter(dataset.iter(batch_size=2)))["input_ids"].to(device)
-    result = {"step0_logits_max_diff": step0_logits_diff(engine, reference, probe)}
+    result = {"step0_logits_max_diff": step0_logits_diff(engine, reference, probe, args.vocab_parallel),
+              "head_shape": list(engine.module.get_output_embeddings().weight.shape),
+              "reference_head_shape": list(reference.get_output_embeddings().weight.shape), "tp": layout.tp}
     if optimizer_factory is None:
         return result
     if config.model_type == "gpt_neox":
@@ -137,31 +144,50 @@ def run(args, layout, config, specs, optimizer_factory, dataset, device):
     return result
 
 
+def own_option(argv, flag):
+    """Remove this worker's `flag VALUE` from argv; returns VALUE or None."""
+    if flag not in argv:
+        return None
+    value = argv[argv.index(flag) + 1]
+    del argv[argv.index(flag):argv.index(flag) + 2]
+    return value
+
+
 def main():
-    """argv: OUT.json, then the script's arguments; --wrong_partition_config FILE (this worker's) names specs
-    expected to fail the step-0 check (default: the upstream fused-QKV `shape` spec for GPT-NeoX)."""
+    """argv: OUT.json, then the script's arguments, and this worker's own options: --wrong_partition_config
+    FILE names specs expected to fail the step-0 check (default: the upstream fused-QKV `shape` spec for
+    GPT-NeoX); --variants "A;B;..." runs the parity check once per variant, each a list of the script's
+    flags added to the others (the TP accelerations), "" being the arguments as given."""
     out_path, argv = sys.argv[1], sys.argv[2:]
-    wrong_file = argv.pop(argv.index("--wrong_partition_config") + 1) if "--wrong_partition_config" in argv else None
-    argv = [a for a in argv if a != "--wrong_partition_config"]
-    args = S.parse_args(["--model_name", "builtin:tiny", "--precision", "fp32", "--seq_length", "32",
-                         "--num_steps", str(STEPS), "--warmup_steps", "2", "--learning_rate", "1e-2"] + argv)
+    wrong_file = own_option(argv, "--wrong_partition_config")
+    variants = (own_option(argv, "--variants") or "").split(";")
+
+    def script_args(*extra):
+        args = S.parse_args(["--model_name", "builtin:tiny", "--precision", "fp32", "--seq_length", "32",
+                             "--num_steps", str(STEPS), "--warmup_steps", "2", "--learning_rate", "1e-2", *argv, *extra])
+        S.derive_args(args, S.resolve_layout(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.tp_size,
+                                             args.dp_size))
+        return args
+
+    args = script_args()
     layout = S.resolve_layout(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.tp_size, args.dp_size)
-    S.derive_args(args, layout)
     device = S.init_distributed(int(os.environ["LOCAL_RANK"]))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on GPUs too
     config = S.load_config(args)
     dataset = random_blocks(64, args.seq_length, config.vocab_size, seed=1)
     specs, local_counts = S.load_partition_config(args.partition_config) if args.partition_config else (S.builtin_partition_config(), [])
     wrong = S.load_partition_config(wrong_file) if wrong_file else (upstream_shape_specs(config), [])
-
-    sgd_args = copy.copy(args)
-    sgd_args.max_grad_norm, sgd_args.learning_rate = 0.0, 0.5  # no clipping: it would hide a gradient-scale error
-    sgd = lambda params: torch.optim.SGD(params, lr=sgd_args.learning_rate)  # noqa: E731
-    results = {
-        "adamw": run(args, layout, config, (specs, local_counts), S.adamw_factory(args), dataset, device),
-        "sgd": run(sgd_args, layout, config, (specs, local_counts), sgd, dataset, device),
-        "wrong_specs": run(args, layout, config, wrong, None, dataset, device),
-    }
+    results = {"wrong_specs": run(script_args("--no-vocab_parallel"), layout, config, wrong, None, dataset, device),
+               "variants": {}}
+    for variant in variants:
+        args = script_args(*variant.split())
+        sgd_args = copy.copy(args)
+        sgd_args.max_grad_norm, sgd_args.learning_rate = 0.0, 0.5  # no clipping: it would hide a gradient-scale error
+        sgd = lambda params: torch.optim.SGD(params, lr=sgd_args.learning_rate)  # noqa: E731
+        results["variants"][variant] = {
+            "vocab_parallel": args.vocab_parallel,
+            "adamw": run(args, layout, config, (specs, local_counts), S.adamw_factory(args), dataset, device),
+            "sgd": run(sgd_args, layout, config, (specs, local_counts), sgd, dataset, device)}
     if layout.rank == 0:
         Path(out_path).write_text(json.dumps(results, indent=1))
 

@@ -93,20 +93,24 @@ def test_dry_run_lists_every_2d_weight_once(capsys):
             rows["gpt_neox.layers.1.attention.dense.weight"]["per_rank"],
             rows["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"]["per_rank"],
             rows["gpt_neox.layers.0.mlp.dense_4h_to_h.weight"]["per_rank"]) == ((96, 64), (64, 32), (128, 64), (64, 128))
-    assert rows["lm_head.weight"]["type"] == "replicated" and rows["lm_head.weight"]["per_rank"] == (8192, 64)
+    # the output head is split by vocabulary (--vocab_parallel, the default at tp > 1); the input embedding stays whole
+    assert rows["lm_head.weight"]["type"] == "column" and rows["lm_head.weight"]["per_rank"] == (4096, 64)
     assert rows["gpt_neox.embed_in.weight"]["type"] == "replicated"
-    assert any("lm_head.weight" in w for w in report["warnings"])
+    assert [w.split()[1] for w in report["warnings"]] == ["gpt_neox.embed_in.weight"]
     printed = capsys.readouterr().out
     first_words = [line.split()[0] for line in printed.splitlines() if line.strip()]
     assert all(first_words.count(name) == 1 for name in rows)  # one table row each
     # by hand: per layer, the split tensors are QKV weight and bias, dense weight, h_to_4h weight and bias,
-    # 4h_to_h weight (the row biases are not split); each rank holds half of them and all the rest
+    # 4h_to_h weight (the row biases are not split), and the head; each rank holds half of them and all the rest
     total = sum(p.numel() for p in S.AutoModelForCausalLM.from_config(S.load_config(S.parse_args([
         "--model_name", "builtin:tiny"]))).parameters())
-    split = 2 * (192 * 64 + 192 + 64 * 64 + 256 * 64 + 256 + 64 * 256)
+    split = 2 * (192 * 64 + 192 + 64 * 64 + 256 * 64 + 256 + 64 * 256) + 8192 * 64
     local = total - split // 2
     assert report["memory_per_rank_gib"]["weights"] == pytest.approx(local * 2 / 2 ** 30)  # bf16
     assert report["memory_per_rank_gib"]["optimizer"] == pytest.approx(local * 12 / 2 / 2 ** 30)  # ZeRO-2, dp=2
+    # the whole head would add its other half: bf16 weight, fp32 gradient and optimizer partitions over dp=2
+    saved = 8192 * 64 // 2 * (2 + 4 / 2 + 12 / 2) / 2 ** 30
+    assert f"saves {saved:.2f} GiB per rank" in printed
 
 
 def test_dry_run_of_the_6_9b_shape_needs_no_weights():
@@ -136,9 +140,9 @@ def test_a_deepspeed_partition_config_is_taken_as_written(tmp_path):
     """The partition_config object copied out of a DeepSpeed config, with every key DeepSpeed reads, means
     what it means there: model_types restricts a spec to those models, strict_mode refuses a Linear that
     no spec matches (embeddings excepted, as in DeepSpeed); tp_size is DeepSpeed's to override."""
-    def dry_run_with(config):
+    def dry_run_with(config, *extra):
         (tmp_path / "ds.json").write_text(json.dumps(config))
-        return S.main(["--dry_run", "--tp_size", "2", "--partition_config", str(tmp_path / "ds.json")])
+        return S.main(["--dry_run", "--tp_size", "2", "--partition_config", str(tmp_path / "ds.json"), *extra])
 
     config = {"use_default_specs": False, "strict_mode": False, "tp_size": 8, "embedding_partition_dim": 1,
               "lm_head_patterns": ["lm_head", "embed_out"],
@@ -152,9 +156,10 @@ def test_a_deepspeed_partition_config_is_taken_as_written(tmp_path):
     config["layer_specs"][1]["model_types"] = None
     config["strict_mode"] = True
     with pytest.raises(S.UsageError, match=r"strict_mode: no layer spec matches lm_head.weight"):
-        dry_run_with(config)
+        dry_run_with(config, "--no-vocab_parallel")
+    assert {r["weight"]: r["per_rank"] for r in dry_run_with(config)["dry_run"]} == builtin  # the head: vocab-parallel
     config["layer_specs"].append({"patterns": [r"lm_head\.weight$"], "partition_type": "skip"})
-    assert {r["weight"]: r["per_rank"] for r in dry_run_with(config)["dry_run"]} == builtin
+    assert dry_run_with(config, "--no-vocab_parallel")["dry_run"][-1]["per_rank"] == (8192, 64)
 
 
 def test_spec_errors_found_on_the_model(tmp_path):

@@ -275,3 +275,22 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache
     meta = json.loads((tmp_path / "checkpoints" / pointer(tmp_path) / "run.json").read_text())
     assert meta["step"] == bad_step - 1 and not (tmp_path / "results.json").exists()
     assert not list((tmp_path / "checkpoints").glob(f"step_{bad_step:07d}*"))
+
+
+@pytest.mark.parametrize("accelerations", [["--tp_overlap_comm"], ["--deepcompile"]])
+def test_tp_accelerations_resume_exactly_and_export_the_trained_model(tmp_path, cache, accelerations):
+    """The overlapped backward all-reduce (with the default vocab-parallel head; RUN above covers that head
+    alone) and DeepCompile's autotp pass: a run resumed from its step-2 checkpoint gives the same later losses,
+    and its export, evaluated by the script at tp=1 without DeepSpeed's TP layers, gives its last eval loss."""
+    run = ["--tp_size", "2", "--precision", "fp32", "--seq_length", "60", "--num_steps", "4", "--log_interval", "1",
+           "--eval_interval", "4", "--learning_rate", "3e-3", "--keep_last", "0", *accelerations]
+    proc, full = run_script(2, tmp_path / "full", cache, *run, "--save_interval", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, resumed = run_script(2, tmp_path / "resumed", cache, *run, "--skip_export",
+                               "--resume_from_checkpoint", tmp_path / "full" / "checkpoints" / "step_0000002")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_losses_after(resumed, full, 2)
+    proc, evaluated = run_script(1, tmp_path / "eval", cache, "--model_name", tmp_path / "full" / "hf", "--tp_size", "1",
+                                 "--precision", "fp32", "--seq_length", "60", "--num_steps", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert abs(evaluated["eval"][0]["loss"] - full["eval"][-1]["loss"]) < TOL

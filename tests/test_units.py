@@ -254,9 +254,13 @@ def test_empty_files_are_rejected(tmp_path):
 def test_ds_config_turns_on_autotp_from_the_config_alone():
     args = args_for("--tp_size", "4", "--zero_stage", "1", "--batch_size", "3", "--gradient_accumulation_steps", "2",
                     "--max_grad_norm", "0.5", "--precision", "fp16")
+    S.derive_args(args, S.resolve_layout(0, 8, tp=4))
     config = S.build_ds_config(args, S.builtin_partition_config())
     assert config["tensor_parallel"] == {"autotp_size": 4, "partition_config": {
-        "use_default_specs": False, "layer_specs": S.gpt_neox_layer_specs()}}
+        "use_default_specs": False, "layer_specs": S.gpt_neox_layer_specs()},
+        "vocab_parallel_lm_head": True, "tp_overlap_comm": False}  # the vocab-parallel head is the default at tp > 1
+    assert "compile" not in config and "checkpoint" not in config
+    assert args.global_batch_size == 3 * 2 * 2 and args.tokens_per_step == 12 * 512
     assert config["zero_optimization"] == {"stage": 1}
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (3, 2)
     assert "train_batch_size" not in config  # DeepSpeed derives it, using the DP size from BatchSizeMPU
@@ -264,6 +268,37 @@ def test_ds_config_turns_on_autotp_from_the_config_alone():
     assert config["fp16"]["enabled"] and not config["bf16"]["enabled"]
     assert S.parse_args([]).zero_stage == 2  # ZeRO-2 by default
     assert config["bf16"] == {"enabled": False, "check_grad_overflow": False}  # train() checks instead
+
+
+@pytest.mark.parametrize("argv,tp,message", [
+    (["--vocab_parallel"], 1, "--vocab_parallel act on tensor-parallel layers: use them with --tp_size > 1"),
+    (["--tp_overlap_comm", "--deepcompile"], 1, "--tp_overlap_comm and --deepcompile act on tensor-parallel"),
+    (["--deepcompile", "--vocab_parallel"], 2, "--deepcompile cannot be combined with --vocab_parallel .*: add --no-"),
+    (["--deepcompile", "--no-vocab_parallel", "--tp_overlap_comm"], 2, "--deepcompile cannot be combined with --tp_overlap_comm"),
+    (["--deepcompile", "--no-vocab_parallel", "--compile"], 2, "--deepcompile cannot be combined with --compile"),
+])
+def test_tp_accelerations_that_cannot_work_are_refused(argv, tp, message):
+    with pytest.raises(S.UsageError, match=message):
+        S.derive_args(args_for(*argv), S.resolve_layout(0, tp, tp=tp))
+
+
+def test_tp_accelerations_reach_the_deepspeed_config():
+    def config_for(*argv):
+        args = args_for(*argv)
+        S.derive_args(args, S.resolve_layout(0, 2, tp=2))
+        return S.build_ds_config(args, S.builtin_partition_config())
+
+    config = config_for("--deepcompile")  # which turns the default vocab-parallel head off
+    assert config["compile"] == {"deepcompile": True, "passes": ["autotp"]}
+    assert config["tensor_parallel"]["vocab_parallel_lm_head"] is False
+    config = config_for("--tp_overlap_comm")
+    assert config["tensor_parallel"]["tp_overlap_comm"] is True and config["tensor_parallel"]["vocab_parallel_lm_head"]
+
+
+def test_the_vocab_parallel_head_is_planned_split_by_vocabulary():
+    plan = S.plan_partition(meta_model(), S.autotp_config(S.builtin_partition_config()), 4, vocab_parallel=True)
+    assert plan["lm_head.weight"][0] is S.VOCAB_PARALLEL_HEAD and plan["lm_head.weight"][2] == (8192 // 4, 64)
+    assert plan["gpt_neox.embed_in.weight"][0] is None  # the input embedding stays whole
 
 
 def test_the_first_non_finite_step_is_kept_on_the_device():
@@ -324,7 +359,7 @@ def test_each_step_reads_the_same_samples_however_the_global_batch_is_split(n):
 def fake_checkpoint(root, tag, args, complete=True):
     (root / tag).mkdir(parents=True)
     if complete:
-        (root / tag / "run.json").write_text(json.dumps({"step": 4, "args": vars(args)}))
+        (root / tag / "run.json").write_text(json.dumps({"step": 4, "samples_consumed": 16, "args": vars(args)}))
 
 
 def test_find_checkpoint_follows_the_pointer_and_rejects_what_is_not_one(tmp_path):
