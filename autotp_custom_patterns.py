@@ -758,7 +758,8 @@ def partition_summary(plan, specs, tp):
             continue
         _, global_shape, local_shape = plan[names[0]]
         label = f"{spec.partition_type.value:6s} {spec.patterns[0]}" if spec else "replicated (no spec)"
-        rows.append(f"  {label:55s} {len(names):4d} tensors, e.g. {names[0]} {global_shape} -> {local_shape}")
+        rows.append(f"  {label:55s} {len(names):4d} tensor{'s' * (len(names) > 1)}, e.g. {names[0]} {global_shape} -> "
+                    f"{local_shape}")
     return "\n".join(rows)
 
 
