@@ -10,9 +10,11 @@ The recipe comes first in this file, numbered as in main():
   4. `deepspeed.initialize` (`build_engine`): AutoTP shards the model, ZeRO wraps the optimizer;
   5. the DP-rank-aware sampler (`make_sampler`): TP peers read identical batches, DP ranks disjoint ones;
   6. one training step (`train_step`).
-Then, one banner each: arguments; spec files and the partition plan; --dry_run (plan and memory per rank,
-no GPU); data; model (torch.compile of each sharded block on GPUs); --verify_tp (sharded vs unsharded,
-module by module); checkpoints and the export; the training loop and its metrics; main.
+Then, one banner each: arguments (with DeepSpeed's TP accelerations: --vocab_parallel, --tp_overlap_comm,
+--deepcompile); a DeepSpeed config of your own and its monitors; where the specs come from (a file, a
+DeepSpeed preset, the model's tp_plan) and the partition plan; --dry_run (plan and memory per rank, no GPU);
+data; model (torch.compile of each sharded block on GPUs); --verify_tp (sharded vs unsharded, module by
+module); checkpoints (resumable at another tp x dp) and the export; the training loop and its metrics; main.
 
 Rank layout. DeepSpeed puts consecutive ranks in one TP group: tp_rank = rank % tp, dp_rank = rank // tp.
 With tp=2, dp=2 (4 ranks):
@@ -37,6 +39,7 @@ Outputs in --output_dir: results.json (arguments, layout, curves, throughput), l
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import datetime
 import hashlib
@@ -66,7 +69,10 @@ import torch
 import torch.distributed as dist
 import transformers
 from deepspeed.accelerator import get_accelerator
-from deepspeed.module_inject.autotp_config import AutoTPConfig, PartitionType, TPLayerSpec
+from deepspeed.module_inject.autotp_config import AutoTPConfig, AutoTPPresets, PartitionType, TPLayerSpec
+from deepspeed.module_inject.layers import TensorParallel_Layer
+from deepspeed.module_inject.tp_plan_converter import TPPlanConverter
+from deepspeed.runtime.tensor_parallel.config import _get_hf_tp_plan
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.utils import groups
 from torch.utils.data import DataLoader, DistributedSampler
@@ -184,11 +190,12 @@ class BatchSizeMPU:
 
 # ---- 3. The DeepSpeed config (and the non-finite guard that replaces its bf16 overflow check) ----
 
-def build_ds_config(args, partition_config, train=True, load_universal=False, user_config=None):
+def build_ds_config(args, specs, train=True, load_universal=False, user_config=None):
     """The whole DeepSpeed configuration, evaluation-only variant included (train=False: ZeRO-0, no optimizer
     states to shard). AutoTP is on because autotp_size is set: nothing else to call. load_universal: the
-    checkpoint to resume from is in DeepSpeed's universal form (written at another topology). user_config:
-    --deepspeed_config and --report_to, merged in (merge_user_config)."""
+    checkpoint to resume from is in DeepSpeed's universal form (written at another topology). specs: where
+    the layer specs come from ({"partition_config": ...}, {"preset_model": NAME}, or nothing: the model's
+    tp_plan or DeepSpeed's parser). user_config: --deepspeed_config and --report_to, merged in."""
     return merge_user_config(args, {
         "train_micro_batch_size_per_gpu": args.batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
@@ -200,7 +207,7 @@ def build_ds_config(args, partition_config, train=True, load_universal=False, us
         # this line only together with that guard.
         "bf16": {"enabled": args.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": args.precision == "fp16", "initial_scale_power": 16},
-        "tensor_parallel": {"autotp_size": args.tp_size, "partition_config": partition_config,
+        "tensor_parallel": {"autotp_size": args.tp_size, **specs,
                             "vocab_parallel_lm_head": args.vocab_parallel, "tp_overlap_comm": args.tp_overlap_comm},
         **({"compile": {"deepcompile": True, "passes": ["autotp"]}} if args.deepcompile else {}),
         "steps_per_print": 10 ** 9,  # this script does its own logging
@@ -357,8 +364,9 @@ def build_parser():
     a("--random_init", action="store_true", help="build a hub/local model from its config with random weights")
     a("--trust_remote_code", action="store_true", help="allow model/tokenizer code from the hub")
     a("--partition_config", same_on_resume=True, default=None,
-      help="JSON file with your own AutoTP layer_specs (DeepSpeed's fields), replacing the GPT-NeoX ones; "
-           "any causal LM that transformers loads can then be trained")
+      help="where the layer specs come from: a JSON file (DeepSpeed's partition_config), preset:NAME (DeepSpeed's "
+           f"presets: {', '.join(PRESETS)}), tp_plan (the model's Hugging Face tp_plan) or autotp_parser (DeepSpeed's "
+           "automatic parser); default: the built-in GPT-NeoX specs. README: Which specs for which model")
     a("--dry_run", action="store_true", help="print how the specs shard every Linear and the memory per rank, "
       "then stop: no GPU, no weights, no data")
     a("--verify_tp", action="store_true", help="before training, compare the sharded model with the unsharded "
@@ -451,8 +459,6 @@ def check_args(args):
         raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
     if not 0 < args.validation_split_percentage < 100:
         raise UsageError("--validation_split_percentage must be between 0 and 100")
-    if args.partition_config and not Path(args.partition_config).is_file():
-        raise UsageError(f"--partition_config {args.partition_config} does not exist")
     if args.deepspeed_config and not Path(args.deepspeed_config).is_file():
         raise UsageError(f"--deepspeed_config {args.deepspeed_config} does not exist")
     if args.export_only and not args.resume_from_checkpoint:
@@ -505,7 +511,7 @@ def derive_args(args, layout, config=None):
     args.tokens_per_step = args.global_batch_size * args.seq_length
 
 
-# ---- A DeepSpeed config of your own (--deepspeed_config), and DeepSpeed's monitors (--report_to) ------
+# ---- A DeepSpeed config of your own (--deepspeed_config) and DeepSpeed's monitors (--report_to) --
 
 # What the script sets from its flags: a config of the user's may repeat these values, not change them.
 SCRIPT_OWNED = {"train_micro_batch_size_per_gpu": "--batch_size", "gradient_accumulation_steps": "--gradient_accumulation_steps",
@@ -614,19 +620,123 @@ def report(engine, prefix, record):
                                      if name != "step" and value is not None])
 
 
-# ---- Spec files and the partition plan: checked on the model's shapes before any weight loads ----
+# ---- Where the specs come from, and the partition plan, checked before any weight loads ----------
+
+@dataclass(frozen=True)
+class SpecSource:
+    """Where the layer specs come from, as DeepSpeed will read them: the entries of its config's
+    tensor_parallel section, and its AutoTPConfig of the specs (None: DeepSpeed's automatic parser decides
+    inside deepspeed.initialize, and the plan is read off the sharded model instead)."""
+    name: str
+    tensor_parallel: dict
+    tp_config: AutoTPConfig | None
+
+
+PRESETS = [name for name in vars(AutoTPPresets) if not name.startswith("_") and AutoTPPresets.get_preset(name)]
+
+
+def spec_source(args, config, shapes_only):
+    """--partition_config: a JSON file (DeepSpeed's partition_config), preset:NAME (DeepSpeed's AutoTPPresets),
+    tp_plan (the model's Hugging Face tp_plan, converted by DeepSpeed's TPPlanConverter), autotp_parser
+    (DeepSpeed's automatic parser, for a model without a tp_plan), or nothing: the built-in GPT-NeoX specs.
+    DeepSpeed's own objects read each; they are not copied here."""
+    given, model_type = args.partition_config, config.model_type
+    hf_plan = _get_hf_tp_plan(shapes_only)
+    if given is None:
+        if model_type != "gpt_neox":
+            hint = " tp_plan (the model's own)," if hf_plan else ""
+            raise UsageError(f"the built-in layer specs are for GPT-NeoX; for {model_type} pass --partition_config "
+                             f"with a spec file,{hint} or preset:NAME ({', '.join(PRESETS)}); README: Which specs")
+        return SpecSource("the built-in GPT-NeoX specs", {"partition_config": builtin_partition_config()},
+                          autotp_config(builtin_partition_config()))
+    if given.startswith("preset:"):
+        name = given.split(":", 1)[1]
+        if name not in PRESETS:
+            raise UsageError(f"--partition_config {given}: DeepSpeed has no AutoTP preset {name!r}; it has "
+                             f"{', '.join(PRESETS)}")
+        return SpecSource(f"DeepSpeed's preset {name}", {"preset_model": name}, AutoTPPresets.get_preset(name))
+    if given == "tp_plan":
+        if not hf_plan:
+            raise UsageError(f"--partition_config tp_plan: {model_type} has no Hugging Face tp_plan; use a spec file, "
+                             f"preset:NAME or autotp_parser")
+        try:
+            specs = TPPlanConverter.convert(hf_plan)
+        except ValueError as exc:  # a style DeepSpeed cannot convert: it would refuse the whole plan too
+            raise UsageError(f"--partition_config tp_plan: DeepSpeed cannot convert {model_type}'s tp_plan: "
+                             f"{str(exc).split('. ')[0]}; write a spec file (README: Adapt it to your model)")
+        return SpecSource("the model's Hugging Face tp_plan", {}, AutoTPConfig(layer_specs=specs))
+    if given == "autotp_parser":
+        if hf_plan:
+            raise UsageError(f"--partition_config autotp_parser: DeepSpeed uses {model_type}'s Hugging Face tp_plan "
+                             "when there is one, never its automatic parser: use --partition_config tp_plan")
+        return SpecSource("DeepSpeed's automatic parser", {}, None)
+    if not Path(given).is_file():
+        raise UsageError(f"--partition_config {given} is no file, nor preset:NAME, tp_plan or autotp_parser")
+    partition_config = load_partition_config(given)
+    return SpecSource(f"the spec file {given}", {"partition_config": partition_config}, autotp_config(partition_config))
+
+
+# What tests/test_sources.py measured on tiny random models at tp=2 and 4 (README: Which specs for which model):
+# the sources that pass --verify_tp and keep the whole weights in step for three training steps, per model type,
+# and those found wrong. Files are named as in partition_configs/.
+SOURCES_VERIFIED = {
+    "gpt_neox": {"builtin", "gpt_neox.json", "tp_plan"}, "llama": {"llama.json", "preset:llama", "tp_plan"},
+    "mistral": {"llama.json", "preset:llama", "tp_plan"}, "qwen2": {"llama.json", "preset:qwen2", "tp_plan"},
+    "qwen3": {"tp_plan"}, "gemma": {"llama.json", "preset:llama", "tp_plan"}, "phi3": {"preset:phi3"},
+    "mixtral": {"mixtral.json"}, "opt": {"autotp_parser"}}
+SOURCES_WRONG = {
+    ("qwen3", "llama.json"): "q_norm and k_norm need their gradients summed over the TP ranks (the tp_plan does it)",
+    ("qwen3", "preset:qwen2"): "q_norm and k_norm need their gradients summed over the TP ranks (the tp_plan does it)",
+    ("phi3", "preset:phi3"): "its shape (3, -1) cuts a grouped-query qkv_proj into three equal blocks",
+    ("bloom", "preset:bloom"): "the ALiBi biases are built for all heads, not each rank's",
+    ("bloom", "autotp_parser"): "the ALiBi biases are built for all heads, not each rank's",
+    ("falcon", "autotp_parser"): "its row-parallel output is modified in place in the backward pass",
+    ("gpt2", "autotp_parser"): "DeepSpeed's parser does not take its Conv1D layers"}
+
+
+def warn_about_source(source, config, layout, args):
+    """One line where this source was measured wrong for this model type, or has no measurement behind it
+    and --verify_tp is not on."""
+    given = args.partition_config or "builtin"
+    key = Path(given).name if Path(given).suffix == ".json" else given
+    gqa = getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads)
+    wrong = SOURCES_WRONG.get((config.model_type, key))
+    if wrong and (key != "preset:phi3" or gqa):
+        message = f"warning: {source.name} was measured wrong for {config.model_type}: {wrong}; README: Which specs"
+    elif key not in SOURCES_VERIFIED.get(config.model_type, ()) and not args.verify_tp:
+        message = (f"warning: {source.name} has not been verified here for {config.model_type}: run once with "
+                   "--verify_tp (and watch for the whole weights drifting apart at the first logs)")
+    else:
+        return
+    if layout.rank == 0:
+        print(message, flush=True)
+
+
+def observed_plan(model, shapes_only):
+    """The plan of DeepSpeed's automatic parser, read off the sharded model: which layer type replaced each
+    module with a 2-D weight (column- or row-parallel), global shapes from the shapes-only model."""
+    plan, globals_, specs = {}, dict(shapes_only.named_parameters()), {}
+    for module_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and module_name + ".weight" in globals_:
+            layer = type(module).__name__
+            if isinstance(module, TensorParallel_Layer) and layer not in specs:  # one spec per layer type
+                specs[layer] = TPLayerSpec(patterns=[f"({layer})"],
+                                           partition_type="row" if "Allreduce" in layer else "column")
+            spec = specs.get(layer)
+            for name, param in module.named_parameters(recurse=False):
+                plan[f"{module_name}.{name}"] = (spec, tuple(globals_[f"{module_name}.{name}"].shape), tuple(param.shape))
+    return plan
+
 
 PARTITION_CONFIG_KEYS = {f.name for f in dataclasses.fields(AutoTPConfig)}  # DeepSpeed's partition_config keys
 SPEC_FIELDS = {f.name for f in dataclasses.fields(TPLayerSpec)}  # and those of each of its layer_specs
 
 
 def load_partition_config(path):
-    """--partition_config FILE -> (partition_config, tp_local_config). The file holds DeepSpeed's own
-    partition_config object, as it stands in a DeepSpeed config ({"layer_specs": [...], "use_default_specs":
-    ..., "strict_mode": ...}), or just the list of layer specs; it goes to DeepSpeed as written.
-    "tp_local_config" (this script's, optional) names config attributes the model's code reads as per-rank
-    counts (Phi-3: num_attention_heads): they are divided by tp on each rank after sharding and restored in
-    the export."""
+    """--partition_config FILE -> DeepSpeed's partition_config. The file holds that object as it stands in
+    a DeepSpeed config ({"layer_specs": [...], "use_default_specs": ..., "strict_mode": ...}), or just the
+    list of layer specs; it goes to DeepSpeed as written."""
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
@@ -635,13 +745,13 @@ def load_partition_config(path):
     if not isinstance(data, dict) or not isinstance(data.get("layer_specs"), list) or not data["layer_specs"]:
         raise UsageError(f"--partition_config {path}: expected DeepSpeed's partition_config, {{\"layer_specs\": [...]}} "
                          f"with at least one spec, or the list of specs, got {sorted(data) if isinstance(data, dict) else data}")
-    unknown = set(data) - PARTITION_CONFIG_KEYS - {"tp_local_config"}
+    data.pop("tp_local_config", None)  # earlier versions' key: localize_head_counts does it for every model now
+    unknown = set(data) - PARTITION_CONFIG_KEYS
     if unknown:
         raise UsageError(f"--partition_config {path}: unknown key(s) {sorted(unknown)}; DeepSpeed's partition_config "
-                         f"takes {', '.join(sorted(PARTITION_CONFIG_KEYS))} (and this script's tp_local_config)")
-    tp_local_config = data.pop("tp_local_config", [])
+                         f"takes {', '.join(sorted(PARTITION_CONFIG_KEYS))}")
     autotp_config(data, f"--partition_config {path}")
-    return data, tp_local_config
+    return data
 
 
 def autotp_config(partition_config, where="--partition_config"):
@@ -703,12 +813,13 @@ def expected_local_shape(global_shape, spec, tp):
 VOCAB_PARALLEL_HEAD = TPLayerSpec(patterns=["(the output head, --vocab_parallel)"], partition_type=PartitionType.COLUMN)
 
 
-def plan_partition(model, tp_config, tp, vocab_parallel=False):
+def plan_partition(model, tp_config, tp, vocab_parallel=False, every_spec_matches=True):
     """Map every parameter of the modules AutoTP routes through the specs (those with a 2-D weight:
     Linears, embeddings) to (its spec or None, global shape, expected local shape), matching names the
     way deepspeed.initialize will (AutoTPConfig.find_matching_spec). Fails on a spec that matches
-    nothing, on a transformer-block Linear that no spec covers, and, with strict_mode, on any Linear left
-    unmatched (DeepSpeed would fail there, after loading the weights)."""
+    nothing (every_spec_matches: not for a converted tp_plan, which lists names with and without the model's
+    prefix, and norms), on a transformer-block Linear that no spec covers, and, with strict_mode, on any Linear
+    left unmatched (DeepSpeed would fail there, after loading the weights)."""
     plan = {}
     for module_name, module in model.named_modules():
         weight = getattr(module, "weight", None)
@@ -727,7 +838,7 @@ def plan_partition(model, tp_config, tp, vocab_parallel=False):
     if vocab_parallel and not any(spec is VOCAB_PARALLEL_HEAD for spec, _, _ in plan.values()):
         raise UsageError(f"--vocab_parallel: this model has no Linear named {' or '.join(tp_config.lm_head_patterns)} "
                          "(the output heads DeepSpeed can split by vocabulary): use --no-vocab_parallel")
-    for i, spec in enumerate(tp_config.layer_specs):
+    for i, spec in enumerate(tp_config.layer_specs if every_spec_matches else []):
         if not any(planned is spec for planned, _, _ in plan.values()):
             example = next((n for n in plan if n.endswith(".weight") and ".layers." in n), next(iter(plan), "?"))
             excluded = f" (its model_types {spec.model_types} leave out {model.config.model_type})" if spec.model_types else ""
@@ -742,16 +853,20 @@ def plan_partition(model, tp_config, tp, vocab_parallel=False):
 
 def check_partition(model, plan):
     """After deepspeed.initialize: every planned parameter has its expected local shape."""
-    local = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    local = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}  # tied ones too
     for name, (_, global_shape, expected) in plan.items():
         if local.get(name) != expected:
             raise RuntimeError(f"AutoTP left {name} as {local.get(name)}, expected {expected} "
                                f"(global {global_shape}); check the layer specs and the DeepSpeed version")
 
 
-def partition_summary(plan, specs, tp):
-    """specs: DeepSpeed's TPLayerSpec objects (AutoTPConfig.layer_specs)."""
-    rows = [f"AutoTP partition (tp={tp}), global -> per-rank shapes:"]
+def partition_summary(plan, source, tp):
+    """Which spec matched which weights, with global and per-rank shapes; source: a SpecSource."""
+    rows = [f"AutoTP partition (tp={tp}) from {source.name}, global -> per-rank shapes:"]
+    specs = source.tp_config.layer_specs if source.tp_config else []
+    for spec, _, _ in plan.values():  # DeepSpeed's parser: the layer types it chose, in order
+        if source.tp_config is None and spec is not None and not any(spec is s for s in specs):
+            specs.append(spec)
     for spec in specs + [VOCAB_PARALLEL_HEAD, None]:
         names = [n for n, (planned, _, _) in plan.items() if planned is spec]
         if not names:
@@ -763,10 +878,7 @@ def partition_summary(plan, specs, tp):
     return "\n".join(rows)
 
 
-def check_model_fits_tp(config, tp, seq_length, custom_specs, tp_local_config=(), vocab_parallel=False):
-    if config.model_type != "gpt_neox" and not custom_specs:
-        raise UsageError(f"the built-in layer specs are for GPT-NeoX; for {config.model_type} write your own "
-                         "and pass them with --partition_config (README: Adapt it to your model)")
+def check_model_fits_tp(config, tp, seq_length, vocab_parallel=False):
     for name in ("num_attention_heads", "num_key_value_heads"):
         heads = getattr(config, name, None)
         if heads and heads % tp:
@@ -779,20 +891,21 @@ def check_model_fits_tp(config, tp, seq_length, custom_specs, tp_local_config=()
     if seq_length > getattr(config, "max_position_embeddings", seq_length):
         raise UsageError(f"--seq_length {seq_length} exceeds the model's maximum of "
                          f"{config.max_position_embeddings} positions")
-    for name in tp_local_config:
-        value = getattr(config, name, None)
-        if not isinstance(value, int) or value % tp:
-            raise UsageError(f"--partition_config tp_local_config: the model config's {name} is {value!r}, "
-                             f"which must be an integer divisible by --tp_size {tp}")
 
 
-def localize_config(config, names, tp):
-    """Set the config counts that the model's code reads per rank (see load_partition_config) to their
-    local values; returns the global ones, for the export."""
-    global_counts = {name: getattr(config, name) for name in names}
-    for name, value in global_counts.items():
-        setattr(config, name, value // tp)
-    return global_counts
+def localize_head_counts(model, tp):
+    """After sharding, each module that holds TP layers computes tp times fewer heads than the model's config
+    says, and some models' code reads that count in the forward (Phi-3 finds where K starts in its fused QKV
+    output from config.num_attention_heads). Such modules get a copy of the config with the per-rank counts;
+    the model's own config stays whole (the export writes it). Checked on every architecture of the README's
+    table (tests/test_sources.py)."""
+    for module in model.modules():
+        if getattr(module, "config", None) is model.config and module is not model and any(
+                isinstance(child, TensorParallel_Layer) for child in module.children()):
+            module.config = copy.copy(model.config)
+            for name in ("num_attention_heads", "num_key_value_heads"):
+                if isinstance(getattr(model.config, name, None), int):
+                    setattr(module.config, name, getattr(model.config, name) // tp)
 
 
 # ---- --dry_run: the plan and the memory per rank, no GPU, no weights -----------------------------
@@ -861,6 +974,8 @@ def init_distributed(local_rank):
     else:
         accelerator.set_device(local_rank)  # before any collective: NCCL binds to the current device
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=60))
+    global CPU_GROUP  # a gloo group for the host-side agreements (stop signals, leaving together on an error)
+    CPU_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=5))
     return torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
 
 
@@ -1169,6 +1284,40 @@ def module_outputs(model, input_ids, keep=True, vocab_parallel=False):
     return out.loss.float().item(), logits.detach().float().cpu(), outputs
 
 
+@contextlib.contextmanager
+def model_code_errors(where):
+    """The model's own code failing on its shards (a spec that splits a fused weight other than the forward
+    expects it, a count it reads for the whole model) or running out of memory: one line, not a traceback
+    on every rank."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise UsageError(f"out of memory {where}: lower --batch_size or --seq_length, raise --tp_size, or add "
+                         "--activation_checkpointing") from None
+    except RuntimeError as exc:
+        raise UsageError(f"the sharded model failed {where}: {str(exc).splitlines()[0][:300]}. The specs may split a "
+                         "weight in a way the model's code does not expect: --verify_tp names the first module that "
+                         "differs (README: Which specs)") from None
+
+
+def check_replicated_in_sync(model, layout, step):
+    """At each log: every weight the TP ranks hold whole must still be bit-identical on all of them. Specs
+    can pass --verify_tp (the forward) yet train wrong: a weight used on each rank's heads only (Qwen3's
+    q_norm, k_norm) gets a partial gradient on each rank unless its spec sums the gradient over the TP group
+    (grad_allreduce), and the copies drift apart (with AdamW, from the second step)."""
+    if layout.tp == 1:
+        return
+    whole = [(n, p) for n, p in model.named_parameters() if not getattr(p, "tensor_model_parallel", False)]  # AutoTP's mark
+    sums = torch.stack([p.detach().double().sum() for _, p in whole])
+    gathered = [torch.empty_like(sums) for _ in range(layout.tp)]
+    dist.all_gather(gathered, sums, group=groups.get_tensor_model_parallel_group())
+    differ = [n for i, (n, _) in enumerate(whole) if any(g[i] != gathered[0][i] for g in gathered)]
+    if differ:
+        raise UsageError(f"at step {step} {differ[0]} (and {len(differ) - 1} more) differ across the TP ranks that hold "
+                         "them whole: each rank's gradient is only part of the sum; give them a spec with "
+                         '"partition_type": "skip", "grad_allreduce": true (the model\'s tp_plan may have one)')
+
+
 def gather_vocab_shards(logits):
     """The whole logits from a vocab-parallel head's per-rank slices (TP rank r holds vocabulary slice r)."""
     shards = [torch.empty_like(logits) for _ in range(groups.get_tensor_model_parallel_world_size())]
@@ -1193,7 +1342,9 @@ def verify_tp(engine, probe, reference, plan, layout, args):
     """Compare the sharded model with the unsharded one module by module (where both produce the same
     shape: column-parallel outputs are shards, checked through the modules after them). Rank 0 judges,
     every rank learns the verdict; a difference beyond the precision's tolerance stops the run."""
-    loss, logits, outputs = module_outputs(engine.module, probe, keep=layout.rank == 0, vocab_parallel=args.vocab_parallel)
+    with model_code_errors("in its first forward pass (--verify_tp)"):
+        loss, logits, outputs = module_outputs(engine.module, probe, keep=layout.rank == 0,
+                                               vocab_parallel=args.vocab_parallel)
     verdict = [None, None]
     if layout.rank == 0:
         verdict = first_disagreement(reference, (loss, logits, outputs), plan,
@@ -1372,7 +1523,7 @@ def load_checkpoint(engine, path, layout):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def export_hf(engine, tokenizer, layout, out_dir, global_counts=None):
+def export_hf(engine, tokenizer, layout, out_dir):
     """Gather the TP shards into one plain Hugging Face model (safetensors) plus its tokenizer.
     A collective: every rank sends its shards, rank 0 writes. (engine.save_16bit_model() would write
     rank 0's shards only under AutoTP.)"""
@@ -1385,8 +1536,6 @@ def export_hf(engine, tokenizer, layout, out_dir, global_counts=None):
         partial = out_dir.with_name(out_dir.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         engine.module.config.use_cache = True  # training switched the KV cache off; generation wants it
-        for name, value in (global_counts or {}).items():  # the export is the whole model again
-            setattr(engine.module.config, name, value)
         engine.module.save_pretrained(partial, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(partial)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -1401,7 +1550,6 @@ class StopSignal:
 
     def __init__(self):
         self.received = None
-        self.group = dist.new_group(backend="gloo")
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle)
 
@@ -1412,7 +1560,7 @@ class StopSignal:
 
     def agreed(self):
         flag = torch.tensor([self.received is not None], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=CPU_GROUP)
         return bool(flag.item())
 
 
@@ -1433,13 +1581,15 @@ def train(engine, blocks, layout, args, device, meter, resumed=None):
     window_start, window_steps = time.perf_counter(), 0
     for step in range(first, args.num_steps + 1):
         lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside engine.step
-        loss = train_step(engine, batches)
+        with model_code_errors("at step 1") if step == first else contextlib.nullcontext():
+            loss = train_step(engine, batches)
         samples += args.global_batch_size
         first_bad = mark_non_finite(first_bad, step, loss, applied_grad_norm(engine))
         window_steps += 1
         bar.update()
         if step % args.log_interval == 0 or step == args.num_steps:
             check_finite(first_bad)
+            check_replicated_in_sync(engine.module, layout, step)
             loss = dp_mean(loss, engine, layout)  # the host sync: all queued accelerator work finishes here
             elapsed = time.perf_counter() - window_start
             history.append(meter.record(engine, step, loss, lr, elapsed / window_steps)
@@ -1581,32 +1731,34 @@ def main(argv=None):
     args = parse_args(argv)
     device_defaults(args)
     check_args(args)
-    # 1. The layer specs: the built-in GPT-NeoX ones, or a --partition_config file.
-    partition_config, tp_local_config = (load_partition_config(args.partition_config) if args.partition_config
-                                         else (builtin_partition_config(), []))
-    tp_config = autotp_config(partition_config)  # DeepSpeed's own reading of them
+    config = load_config(args)
+    with torch.device("meta"):  # shapes and names only: the specs are checked on it before any weight loads
+        shapes_only = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+    # 1. The layer specs: the built-in GPT-NeoX ones, a spec file, a DeepSpeed preset or the model's tp_plan.
+    source = spec_source(args, config, shapes_only)
     # 2. The rank layout: tp x dp processes, and the values derived from it.
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.dry_run and "WORLD_SIZE" not in os.environ:  # a plain `python` call describing tp x dp ranks
         world = (args.tp_size or 1) * (args.dp_size or 1)
     layout = resolve_layout(int(os.environ.get("RANK", 0)), world, args.tp_size, args.dp_size)
-    config = load_config(args)
     derive_args(args, layout, config)
-    check_model_fits_tp(config, layout.tp, args.seq_length, bool(args.partition_config), tp_local_config,
-                        args.vocab_parallel)
-    with torch.device("meta"):  # shapes and names only: the specs are checked at this tp before any weight loads
-        shapes_only = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
-    plan = plan_partition(shapes_only, tp_config, layout.tp, args.vocab_parallel)
+    check_model_fits_tp(config, layout.tp, args.seq_length, args.vocab_parallel)
+    plan = plan_partition(shapes_only, source.tp_config, layout.tp, args.vocab_parallel,
+                          source.tensor_parallel != {}) if source.tp_config else None
     args.compile = decide_compile(args, shapes_only)
+    warn_about_source(source, config, layout, args)
     if args.dry_run:  # (optional) the plan and the memory per rank, then stop
-        return dry_run(shapes_only, plan, tp_config.layer_specs, layout, args)
+        if plan is None:
+            raise UsageError(f"--dry_run needs the specs before deepspeed.initialize, and {source.name} decides only "
+                             "inside it: use --verify_tp on a short run instead")
+        return dry_run(shapes_only, plan, source.tp_config.layer_specs, layout, args)
     check_output_dir(args.output_dir)
     args.user_deepspeed_config = user_ds_config(args)  # kept in results.json and each checkpoint's run.json
     resume_path, resumed = find_checkpoint(args) if args.resume_from_checkpoint else (None, None)
     universal = resumed is not None and topology(resumed["args"]) != topology(vars(args))
     # 3. The DeepSpeed config, yours merged in, checked by DeepSpeed's own reading before any heavy work.
     evaluate_only = args.num_steps == 0 and not args.resume_from_checkpoint
-    ds_config = build_ds_config(args, partition_config, not evaluate_only, universal, args.user_deepspeed_config)
+    ds_config = build_ds_config(args, source.tensor_parallel, not evaluate_only, universal, args.user_deepspeed_config)
     check_ds_config(ds_config, f"--deepspeed_config {args.deepspeed_config}" if args.deepspeed_config else "--report_to")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
     if layout.rank == 0 and layout.tp > local_world:
@@ -1635,11 +1787,19 @@ def main(argv=None):
     model_stats = {"parameters": n_params, "non_embedding_parameters": n_non_embedding, "flops_per_token": flops_per_token}
     if layout.rank == 0:
         print(describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device), flush=True)
-        print(partition_summary(plan, tp_config.layer_specs, layout.tp), flush=True)
+        print(partition_summary(plan, source, layout.tp) if plan else f"AutoTP partition: {source.name}, read off the "
+              "model once sharded", flush=True)
     # 4. deepspeed.initialize: AutoTP shards the model, ZeRO wraps the optimizer.
-    engine = build_engine(model, args, layout, ds_config, train=not evaluate_only)
+    try:
+        engine = build_engine(model, args, layout, ds_config, train=not evaluate_only)
+    except (AssertionError, ValueError, NotImplementedError) as exc:  # DeepSpeed refusing this model or its specs
+        raise UsageError(f"deepspeed.initialize could not shard {args.model_name} with {source.name}: "
+                         f"{' '.join(str(exc).split())[:300]}") from None
+    if plan is None:
+        plan = observed_plan(engine.module, shapes_only)
+        log(layout, partition_summary(plan, source, layout.tp))
     check_partition(engine.module, plan)
-    global_counts = localize_config(engine.module.config, tp_local_config, layout.tp)
+    localize_head_counts(engine.module, layout.tp)
     verified = None
     if args.verify_tp:  # (optional) sharded against unsharded, module by module
         verified = verify_tp(engine, probe.to(device), reference, plan, layout, args)
@@ -1659,7 +1819,7 @@ def main(argv=None):
     export_dir = None
     if args.export_only or (args.num_steps > 0 and not stopped_by and not args.skip_export):  # (optional)
         export_dir = Path(args.output_dir) / "hf"
-        export_hf(engine, tokenizer, layout, export_dir, global_counts)
+        export_hf(engine, tokenizer, layout, export_dir)
         log(layout, f"exported the model (all TP shards gathered) to {export_dir}")
     results = collect_results(args, layout, model_stats, history, evals, verify_tp=verified, stopped_by=stopped_by,
                               resumed_from=resumed and str(resume_path), export_dir=export_dir and str(export_dir),
@@ -1714,12 +1874,13 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         # Every rank raised the same error: leave together, once rank 0 has said why (a rank that exits
-        # first makes torchrun kill the others, rank 0 too). Errors found before the process group
+        # first makes torchrun kill the others, rank 0 too). On the host-side gloo group, which a collective
+        # interrupted by the error cannot have left out of step; errors found before the process group
         # exists get a small gloo group for this one barrier.
         if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
             dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
         if dist.is_initialized():
-            dist.barrier()
+            dist.barrier(group=globals().get("CPU_GROUP"))
         sys.exit(2 if isinstance(exc, UsageError) else 3)
     finally:
         if dist.is_initialized():

@@ -61,7 +61,7 @@ def main():
     # the script's engine, once per DeepSpeed variant
     variants = json.loads(own["--ds_json"])
     for variant in variants if isinstance(variants, list) else [variants]:
-        ds_config = merge(S.build_ds_config(args, S.builtin_partition_config()), variant)
+        ds_config = merge(S.build_ds_config(args, {"partition_config": S.builtin_partition_config()}), variant)
         engine = S.build_engine(S.build_model(args, config, S.DTYPES[args.precision]), args, layout, ds_config)
 
         if whole:

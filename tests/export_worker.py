@@ -29,7 +29,7 @@ def main():
     config = S.load_config(args)
     dataset = random_blocks(16, args.seq_length, config.vocab_size, seed=2)
     engine = S.build_engine(S.build_model(args, config, torch.float32), args, layout,
-                            S.build_ds_config(args, S.builtin_partition_config()))
+                            S.build_ds_config(args, {"partition_config": S.builtin_partition_config()}))
     batches = S.train_batches(dataset, layout, args, device)
     for _ in range(args.num_steps):
         S.train_step(engine, batches)

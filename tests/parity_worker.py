@@ -86,17 +86,15 @@ def qkv_heads_held(engine, reference, config, layout):
     return sorted({(i // (3 * hs), (i // hs) % 3) for i in rows})
 
 
-def run(args, layout, config, specs, optimizer_factory, dataset, device):
-    """specs: (partition_config, tp_local_config); optimizer_factory builds the optimizer of both models;
-    None: compare step-0 logits only."""
-    specs, local_counts = specs
-    config = copy.deepcopy(config)  # localize_config changes the model's config: keep the caller's intact
+def run(args, layout, config, source, optimizer_factory, dataset, device):
+    """source: the script's SpecSource (where the specs come from); optimizer_factory builds the optimizer of
+    both models; None: compare step-0 logits only."""
     model = S.build_model(args, config, S.DTYPES[args.precision])
     reference = copy.deepcopy(model).to(device)
-    ds_config = S.build_ds_config(args, specs)
+    ds_config = S.build_ds_config(args, source.tensor_parallel)
     ds_config["zero_allow_untested_optimizer"] = True  # ZeRO asks for this with SGD
     engine = S.build_engine(model, args, layout, ds_config, optimizer=optimizer_factory)
-    S.localize_config(engine.module.config, local_counts, layout.tp)
+    S.localize_head_counts(engine.module, layout.tp)
     if args.deepcompile:
         engine.compile()
     probe = next(iter(dataset.iter(batch_size=2)))["input_ids"].to(device)
@@ -135,7 +133,8 @@ def run(args, layout, config, specs, optimizer_factory, dataset, device):
             max_weight_diff = max(max_weight_diff, (p - full[name]).abs().max().item())
         else:  # sharded: the TP ranks' pieces, put back together, equal the reference
             dim = 0 if p.shape[0] != full[name].shape[0] else 1
-            spec = S.autotp_config(specs).find_matching_spec(name.rsplit(".", 1)[0] + ".weight", config.model_type)
+            spec = source.tp_config and source.tp_config.find_matching_spec(name.rsplit(".", 1)[0] + ".weight",
+                                                                            config.model_type)
             whole = unshard(gathered, dim, spec.shape if spec else None)
             max_weight_diff = max(max_weight_diff, (whole - full[name]).abs().max().item())
     flag = torch.tensor(float(identical), device=device)
@@ -175,19 +174,22 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on GPUs too
     config = S.load_config(args)
     dataset = random_blocks(64, args.seq_length, config.vocab_size, seed=1)
-    specs, local_counts = S.load_partition_config(args.partition_config) if args.partition_config else (S.builtin_partition_config(), [])
-    wrong = S.load_partition_config(wrong_file) if wrong_file else (upstream_shape_specs(config), [])
+    with torch.device("meta"):
+        shapes_only = S.AutoModelForCausalLM.from_config(config)
+    wrong = S.load_partition_config(wrong_file) if wrong_file else upstream_shape_specs(config)
+    wrong = S.SpecSource("the wrong specs", {"partition_config": wrong}, S.autotp_config(wrong))
     results = {"wrong_specs": run(script_args("--no-vocab_parallel"), layout, config, wrong, None, dataset, device),
                "variants": {}}
     for variant in variants:
         args = script_args(*variant.split())
+        source = S.spec_source(args, config, shapes_only)
         sgd_args = copy.copy(args)
         sgd_args.max_grad_norm, sgd_args.learning_rate = 0.0, 0.5  # no clipping: it would hide a gradient-scale error
         sgd = lambda params: torch.optim.SGD(params, lr=sgd_args.learning_rate)  # noqa: E731
         results["variants"][variant] = {
             "vocab_parallel": args.vocab_parallel,
-            "adamw": run(args, layout, config, (specs, local_counts), S.adamw_factory(args), dataset, device),
-            "sgd": run(sgd_args, layout, config, (specs, local_counts), sgd, dataset, device)}
+            "adamw": run(args, layout, config, source, S.adamw_factory(args), dataset, device),
+            "sgd": run(sgd_args, layout, config, source, sgd, dataset, device)}
     if layout.rank == 0:
         Path(out_path).write_text(json.dumps(results, indent=1))
 

@@ -147,7 +147,7 @@ layout = S.resolve_layout(0, 1, 1, 1)
 S.derive_args(args, layout)
 device = S.init_distributed(0)
 model = S.build_model(args, S.load_config(args), S.DTYPES[args.precision])
-engine = S.build_engine(model, args, layout, S.build_ds_config(args, S.builtin_partition_config()))
+engine = S.build_engine(model, args, layout, S.build_ds_config(args, {"partition_config": S.builtin_partition_config()}))
 weight = engine.module.gpt_neox.layers[0].mlp.dense_h_to_4h.weight
 weight.register_hook(lambda grad: grad * float("nan"))
 ids = torch.randint(0, 100, (2, 32), device=device)

@@ -153,7 +153,7 @@ def test_a_spec_without_partition_type_is_column_as_in_deepspeed():
     tp_config = S.autotp_config({"layer_specs": specs})
     plan = S.plan_partition(meta_model(), tp_config, 2)
     assert plan["gpt_neox.layers.0.attention.query_key_value.weight"][2] == (96, 64)
-    assert "column .*\\.attention\\.query_key_value" in S.partition_summary(plan, tp_config.layer_specs, 2)
+    assert "column .*\\.attention\\.query_key_value" in S.partition_summary(plan, S.SpecSource("a file", {}, tp_config), 2)
 
 
 def test_a_block_linear_left_unsharded_is_an_error():
@@ -255,7 +255,7 @@ def test_ds_config_turns_on_autotp_from_the_config_alone():
     args = args_for("--tp_size", "4", "--zero_stage", "1", "--batch_size", "3", "--gradient_accumulation_steps", "2",
                     "--max_grad_norm", "0.5", "--precision", "fp16")
     S.derive_args(args, S.resolve_layout(0, 8, tp=4))
-    config = S.build_ds_config(args, S.builtin_partition_config())
+    config = S.build_ds_config(args, {"partition_config": S.builtin_partition_config()})
     assert config["tensor_parallel"] == {"autotp_size": 4, "partition_config": {
         "use_default_specs": False, "layer_specs": S.gpt_neox_layer_specs()},
         "vocab_parallel_lm_head": True, "tp_overlap_comm": False}  # the vocab-parallel head is the default at tp > 1
@@ -286,7 +286,7 @@ def test_tp_accelerations_reach_the_deepspeed_config():
     def config_for(*argv):
         args = args_for(*argv)
         S.derive_args(args, S.resolve_layout(0, 2, tp=2))
-        return S.build_ds_config(args, S.builtin_partition_config())
+        return S.build_ds_config(args, {"partition_config": S.builtin_partition_config()})
 
     config = config_for("--deepcompile")  # which turns the default vocab-parallel head off
     assert config["compile"] == {"deepcompile": True, "passes": ["autotp"]}
