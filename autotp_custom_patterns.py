@@ -514,11 +514,11 @@ def derive_args(args, layout, config=None):
 # ---- A DeepSpeed config of your own (--deepspeed_config) and DeepSpeed's monitors (--report_to) --
 
 # What the script sets from its flags: a config of the user's may repeat these values, not change them.
-SCRIPT_OWNED = {"train_micro_batch_size_per_gpu": "--batch_size", "gradient_accumulation_steps": "--gradient_accumulation_steps",
-                "train_batch_size": "--batch_size, --gradient_accumulation_steps and dp", "gradient_clipping": "--max_grad_norm",
-                "bf16.enabled": "--precision", "fp16.enabled": "--precision", "zero_optimization.stage": "--zero_stage",
-                "tensor_parallel": "--tp_size, --partition_config, --vocab_parallel or --tp_overlap_comm",
-                "compile": "--deepcompile"}
+SCRIPT_OWNED = {
+    "train_micro_batch_size_per_gpu": "--batch_size", "gradient_accumulation_steps": "--gradient_accumulation_steps",
+    "train_batch_size": "--batch_size, --gradient_accumulation_steps and dp", "gradient_clipping": "--max_grad_norm",
+    "bf16.enabled": "--precision", "fp16.enabled": "--precision", "zero_optimization.stage": "--zero_stage",
+    "tensor_parallel": "--tp_size, --partition_config, --vocab_parallel or --tp_overlap_comm", "compile": "--deepcompile"}
 
 
 def user_ds_config(args):
@@ -581,7 +581,8 @@ def dig(config, dotted):
 def deep_merge(base, over):
     merged = dict(base)
     for key, value in over.items():
-        merged[key] = deep_merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = deep_merge(base[key], value) if both_dicts else value
     return merged
 
 
@@ -826,7 +827,8 @@ def plan_partition(model, tp_config, tp, vocab_parallel=False, every_spec_matche
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             continue
         spec = tp_config.find_matching_spec(module_name + ".weight", model.config.model_type)
-        if vocab_parallel and isinstance(module, torch.nn.Linear) and module_name.split(".")[-1] in tp_config.lm_head_patterns:
+        head = isinstance(module, torch.nn.Linear) and module_name.split(".")[-1] in tp_config.lm_head_patterns
+        if vocab_parallel and head:
             spec = VOCAB_PARALLEL_HEAD
         if spec is None and tp_config.strict_mode and not isinstance(module, torch.nn.Embedding):
             raise UsageError(f"partition_config strict_mode: no layer spec matches {module_name}.weight; add one "
@@ -841,8 +843,8 @@ def plan_partition(model, tp_config, tp, vocab_parallel=False, every_spec_matche
     for i, spec in enumerate(tp_config.layer_specs if every_spec_matches else []):
         if not any(planned is spec for planned, _, _ in plan.values()):
             example = next((n for n in plan if n.endswith(".weight") and ".layers." in n), next(iter(plan), "?"))
-            excluded = f" (its model_types {spec.model_types} leave out {model.config.model_type})" if spec.model_types else ""
-            raise UsageError(f"layer spec {i} {spec.patterns} matches no Linear weight of this model{excluded}: "
+            excluded = spec.model_types and f" (its model_types {spec.model_types} leave out {model.config.model_type})"
+            raise UsageError(f"layer spec {i} {spec.patterns} matches no Linear weight of this model{excluded or ''}: "
                              f"fix its pattern (names look like {example}; --dry_run lists them all)")
     missed = [n for n, (spec, _, _) in plan.items() if spec is None and ".layers." in n]
     if missed:
@@ -934,7 +936,8 @@ def dry_run(model, plan, specs, layout, args):
                  + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
     head = [r for r in rows if plan[r["weight"]][0] is VOCAB_PARALLEL_HEAD]
     if head:  # what the whole head would cost on top, per rank
-        whole = memory_per_rank_gib(local + sum(math.prod(r["global"]) - math.prod(r["per_rank"]) for r in head), layout, args)
+        rest = sum(math.prod(r["global"]) - math.prod(r["per_rank"]) for r in head)
+        whole = memory_per_rank_gib(local + rest, layout, args)
         lines.append(f"the vocab-parallel head ({head[0]['global']} -> {head[0]['per_rank']} per rank) saves "
                      f"{whole['total'] - memory['total']:.2f} GiB per rank of weights, gradients and optimizer state, "
                      f"and its logits take 1/{layout.tp} of the memory")
@@ -1307,11 +1310,14 @@ def check_replicated_in_sync(model, layout, step):
     (grad_allreduce), and the copies drift apart (with AdamW, from the second step)."""
     if layout.tp == 1:
         return
-    whole = [(n, p) for n, p in model.named_parameters() if not getattr(p, "tensor_model_parallel", False)]  # AutoTP's mark
-    sums = torch.stack([p.detach().double().sum() for _, p in whole])
+    whole = [(n, p) for n, p in model.named_parameters()
+             if not getattr(p, "tensor_model_parallel", False)]  # AutoTP marks the weights it splits
+    sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()]) for _, p in whole])
     gathered = [torch.empty_like(sums) for _ in range(layout.tp)]
     dist.all_gather(gathered, sums, group=groups.get_tensor_model_parallel_group())
-    differ = [n for i, (n, _) in enumerate(whole) if any(g[i] != gathered[0][i] for g in gathered)]
+    # Equal to rounding (1e-6 of the weight's size): a partial gradient moves them by the learning rate's order.
+    spread = (torch.stack(gathered) - gathered[0]).abs().amax(dim=(0, 2))
+    differ = [n for i, (n, _) in enumerate(whole) if spread[i] > 1e-6 * (gathered[0][i, 1] + 1e-12)]
     if differ:
         raise UsageError(f"at step {step} {differ[0]} (and {len(differ) - 1} more) differ across the TP ranks that hold "
                          "them whole: each rank's gradient is only part of the sum; give them a spec with "
@@ -1423,12 +1429,13 @@ def find_checkpoint(args):
                          f"{json.dumps(ours)[:300]}, this run has {json.dumps(theirs)[:300]}: use the same")
     if topology(saved) != topology(vars(args)) and 0 in (saved["zero_stage"], args.zero_stage):
         tp, dp, zero = topology(saved)
-        raise UsageError(f"--resume_from_checkpoint {given} was written at tp {tp} x dp {dp} with ZeRO-{zero}: another tp, "
-                         "dp or ZeRO stage goes through DeepSpeed's universal checkpoint, which needs ZeRO-1 or 2 on both "
-                         f"sides; resume with --tp_size {tp} --dp_size {dp} --zero_stage {zero}")
+        raise UsageError(f"--resume_from_checkpoint {given} was written at tp {tp} x dp {dp} with ZeRO-{zero}: "
+                         "another tp, dp or ZeRO stage goes through DeepSpeed's universal checkpoint, which needs "
+                         f"ZeRO-1 or 2 on both sides; resume with --tp_size {tp} --dp_size {dp} --zero_stage {zero}")
     # checkpoints of earlier versions of this script count micro-batches
     if "samples_consumed" not in meta:
-        meta["samples_consumed"] = meta["step"] * saved["batch_size"] * saved["gradient_accumulation_steps"] * saved["dp_size"]
+        meta["samples_consumed"] = (meta["step"] * saved["batch_size"] * saved["gradient_accumulation_steps"]
+                                    * saved["dp_size"])
     return path, meta
 
 
@@ -1759,7 +1766,8 @@ def main(argv=None):
     # 3. The DeepSpeed config, yours merged in, checked by DeepSpeed's own reading before any heavy work.
     evaluate_only = args.num_steps == 0 and not args.resume_from_checkpoint
     ds_config = build_ds_config(args, source.tensor_parallel, not evaluate_only, universal, args.user_deepspeed_config)
-    check_ds_config(ds_config, f"--deepspeed_config {args.deepspeed_config}" if args.deepspeed_config else "--report_to")
+    check_ds_config(ds_config, f"--deepspeed_config {args.deepspeed_config}" if args.deepspeed_config
+                    else "the DeepSpeed config")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
     if layout.rank == 0 and layout.tp > local_world:
         print(f"warning: tp={layout.tp} spans more than one node ({local_world} ranks per node): "
@@ -1831,6 +1839,7 @@ def main(argv=None):
 
 
 def describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device):
+    sized = " (sized to the GPU memory; --batch_size to set)" if args.micro_batch_sized else ""
     return "\n".join([
         f"versions: python {platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
         f"transformers {transformers.__version__}, datasets {datasets.__version__}",
@@ -1841,8 +1850,7 @@ def describe_run(args, layout, config, n_params, n_non_embedding, ds_config, dev
         f"model: {args.model_name}, {n_params / 1e6:,.1f}M parameters ({n_non_embedding / 1e6:,.1f}M non-embedding), "
         f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads, "
         f"{args.precision}",
-        f"batch: {args.batch_size} per rank{' (sized to the GPU memory; --batch_size to set)' if args.micro_batch_sized else ''}"
-        f" x {args.gradient_accumulation_steps} accumulation x {layout.dp} DP = "
+        f"batch: {args.batch_size} per rank{sized} x {args.gradient_accumulation_steps} accumulation x {layout.dp} DP = "
         f"{args.global_batch_size} sequences of {args.seq_length} = {args.tokens_per_step:,} tokens per step, "
         f"{args.num_steps} steps",
         "deepspeed config: " + json.dumps(ds_config),
