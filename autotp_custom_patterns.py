@@ -631,6 +631,12 @@ class SpecSource:
     name: str
     tensor_parallel: dict
     tp_config: AutoTPConfig | None
+    every_spec_matches: bool = True  # not for a converted tp_plan: it lists names with and without the model's
+    #                                  prefix, and norms, which the plan of Linears does not cover
+
+    def plan(self, model, tp, vocab_parallel=False):
+        """plan_partition of these specs on the shapes-only model; None where DeepSpeed's parser decides."""
+        return self.tp_config and plan_partition(model, self.tp_config, tp, vocab_parallel, self.every_spec_matches)
 
 
 PRESETS = [name for name in vars(AutoTPPresets) if not name.startswith("_") and AutoTPPresets.get_preset(name)]
@@ -665,7 +671,8 @@ def spec_source(args, config, shapes_only):
         except ValueError as exc:  # a style DeepSpeed cannot convert: it would refuse the whole plan too
             raise UsageError(f"--partition_config tp_plan: DeepSpeed cannot convert {model_type}'s tp_plan: "
                              f"{str(exc).split('. ')[0]}; write a spec file (README: Adapt it to your model)")
-        return SpecSource("the model's Hugging Face tp_plan", {}, AutoTPConfig(layer_specs=specs))
+        return SpecSource("the model's Hugging Face tp_plan", {}, AutoTPConfig(layer_specs=specs),
+                          every_spec_matches=False)
     if given == "autotp_parser":
         if hf_plan:
             raise UsageError(f"--partition_config autotp_parser: DeepSpeed uses {model_type}'s Hugging Face tp_plan "
@@ -818,9 +825,9 @@ def plan_partition(model, tp_config, tp, vocab_parallel=False, every_spec_matche
     """Map every parameter of the modules AutoTP routes through the specs (those with a 2-D weight:
     Linears, embeddings) to (its spec or None, global shape, expected local shape), matching names the
     way deepspeed.initialize will (AutoTPConfig.find_matching_spec). Fails on a spec that matches
-    nothing (every_spec_matches: not for a converted tp_plan, which lists names with and without the model's
-    prefix, and norms), on a transformer-block Linear that no spec covers, and, with strict_mode, on any Linear
-    left unmatched (DeepSpeed would fail there, after loading the weights)."""
+    nothing (unless every_spec_matches is False: SpecSource says when), on a transformer-block Linear that
+    no spec covers, and, with strict_mode, on any Linear left unmatched (DeepSpeed would fail there, after
+    loading the weights)."""
     plan = {}
     for module_name, module in model.named_modules():
         weight = getattr(module, "weight", None)
@@ -1750,8 +1757,7 @@ def main(argv=None):
     layout = resolve_layout(int(os.environ.get("RANK", 0)), world, args.tp_size, args.dp_size)
     derive_args(args, layout, config)
     check_model_fits_tp(config, layout.tp, args.seq_length, args.vocab_parallel)
-    plan = plan_partition(shapes_only, source.tp_config, layout.tp, args.vocab_parallel,
-                          source.tensor_parallel != {}) if source.tp_config else None
+    plan = source.plan(shapes_only, layout.tp, args.vocab_parallel)
     args.compile = decide_compile(args, shapes_only)
     warn_about_source(source, config, layout, args)
     if args.dry_run:  # (optional) the plan and the memory per rank, then stop

@@ -91,8 +91,7 @@ def cell(arch, source, layout, device, workdir):
     try:
         S.check_model_fits_tp(config, layout.tp, args.seq_length)
         spec = S.spec_source(args, config, shapes_only)
-        plan = S.plan_partition(shapes_only, spec.tp_config, layout.tp, False, spec.tensor_parallel != {}) \
-            if spec.tp_config else None
+        plan = spec.plan(shapes_only, layout.tp)
     except S.UsageError as exc:
         return {"result": "refused", "detail": str(exc)}
     model = transformers.AutoModelForCausalLM.from_config(config)
