@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import autotp_custom_patterns as S  # noqa: E402
-from parity_worker import random_blocks  # noqa: E402
+from parity_worker import random_blocks, run_worker  # noqa: E402
 
 
 def main():
@@ -47,4 +47,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)

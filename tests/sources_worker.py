@@ -21,6 +21,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import autotp_custom_patterns as S  # noqa: E402
+from parity_worker import run_worker  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "partition_configs"
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, vocab_size=512,
@@ -133,4 +134,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)

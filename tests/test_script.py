@@ -153,6 +153,7 @@ engine.backward(loss)
 engine.step()
 print(math.isfinite(loss.item()), S.mark_non_finite(torch.tensor(math.inf), 1, loss, S.applied_grad_norm(engine)).item(),
       bool(torch.isfinite(weight).all()))
+torch.distributed.destroy_process_group()
 """
 
 
