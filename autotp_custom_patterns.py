@@ -7,7 +7,8 @@ The recipe comes first in this file, numbered as in main():
   2. the rank layout (`Layout`), and `BatchSizeMPU`, which tells DeepSpeed the number of DP replicas;
   3. the DeepSpeed config (`build_ds_config`): AutoTP is on because `tensor_parallel.autotp_size` is set,
      ZeRO-2 by default; the guard that replaces DeepSpeed's bf16 overflow check sits beside it;
-  4. `deepspeed.initialize` (`build_engine`): AutoTP shards the model, ZeRO wraps the optimizer;
+  4. `deepspeed.initialize` (`build_engine`): AutoTP shards the model, ZeRO wraps the optimizer, and
+     modules that read a head count in their forward get the per-rank one (`localize_head_counts`);
   5. the DP-rank-aware sampler (`make_sampler`): TP peers read identical batches, DP ranks disjoint ones;
   6. one training step (`train_step`).
 Then, one banner each: arguments (with DeepSpeed's TP accelerations: --vocab_parallel, --tp_overlap_comm,
@@ -265,16 +266,19 @@ def warmup_cosine_factory(args):
 
 def build_engine(model, args, layout, ds_config, optimizer=None, train=True):
     """deepspeed.initialize: AutoTP shards the model (still on the host), then the engine moves the shards to
-    the device and wraps the optimizer in ZeRO. train=False (with build_ds_config(train=False)): no
-    optimizer, so no fp32 master weights or optimizer state."""
-    # At tp=1 DeepSpeed builds no AutoTP groups and would take its DP group from the mpu; it needs none.
+    the device and wraps the optimizer in ZeRO; then the per-rank head counts for model code that reads them.
+    train=False (with build_ds_config(train=False)): no optimizer, so no fp32 master weights or optimizer
+    state."""
     # an optimizer or scheduler in the config (--deepspeed_config) is DeepSpeed's to build
     own_optimizer, own_schedule = train and "optimizer" not in ds_config, train and "scheduler" not in ds_config
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            optimizer=(optimizer or adamw_factory(args)) if own_optimizer else None,
                                            lr_scheduler=warmup_cosine_factory(args) if own_schedule else None,
+                                           # at tp=1 DeepSpeed builds no AutoTP groups and would take its DP
+                                           # group from the mpu: it needs none
                                            mpu=BatchSizeMPU(layout) if layout.tp > 1 else None)
     check_groups(engine, layout)
+    localize_head_counts(engine.module, layout.tp)
     return engine
 
 
@@ -287,6 +291,21 @@ def check_groups(engine, layout):
     ours = (layout.dp_rank, layout.dp) + ((layout.tp_rank, layout.tp) if layout.tp > 1 else ())
     if theirs != ours:
         raise RuntimeError(f"DeepSpeed's (dp_rank, dp, tp_rank, tp) = {theirs}, expected {ours}")
+
+
+def localize_head_counts(model, tp):
+    """After sharding, each module that holds TP layers computes tp times fewer heads than the model's config
+    says, and some models' code reads that count in the forward (Phi-3 finds where K starts in its fused QKV
+    output from config.num_attention_heads). Such modules get a copy of the config with the per-rank counts;
+    the model's own config stays whole (the export writes it). Checked on every architecture of the README's
+    table (tests/test_sources.py)."""
+    for module in model.modules():
+        if getattr(module, "config", None) is model.config and module is not model and any(
+                isinstance(child, TensorParallel_Layer) for child in module.children()):
+            module.config = copy.copy(model.config)
+            for name in ("num_attention_heads", "num_key_value_heads"):
+                if isinstance(getattr(model.config, name, None), int):
+                    setattr(module.config, name, getattr(model.config, name) // tp)
 
 
 # ---- 5. The DP-rank-aware sampler ----------------------------------------------------------------
@@ -900,21 +919,6 @@ def check_model_fits_tp(config, tp, seq_length, vocab_parallel=False):
     if seq_length > getattr(config, "max_position_embeddings", seq_length):
         raise UsageError(f"--seq_length {seq_length} exceeds the model's maximum of "
                          f"{config.max_position_embeddings} positions")
-
-
-def localize_head_counts(model, tp):
-    """After sharding, each module that holds TP layers computes tp times fewer heads than the model's config
-    says, and some models' code reads that count in the forward (Phi-3 finds where K starts in its fused QKV
-    output from config.num_attention_heads). Such modules get a copy of the config with the per-rank counts;
-    the model's own config stays whole (the export writes it). Checked on every architecture of the README's
-    table (tests/test_sources.py)."""
-    for module in model.modules():
-        if getattr(module, "config", None) is model.config and module is not model and any(
-                isinstance(child, TensorParallel_Layer) for child in module.children()):
-            module.config = copy.copy(model.config)
-            for name in ("num_attention_heads", "num_key_value_heads"):
-                if isinstance(getattr(model.config, name, None), int):
-                    setattr(module.config, name, getattr(model.config, name) // tp)
 
 
 # ---- --dry_run: the plan and the memory per rank, no GPU, no weights -----------------------------
@@ -1813,7 +1817,6 @@ def main(argv=None):
         plan = observed_plan(engine.module, shapes_only)
         log(layout, partition_summary(plan, source, layout.tp))
     check_partition(engine.module, plan)
-    localize_head_counts(engine.module, layout.tp)
     verified = None
     if args.verify_tp:  # (optional) sharded against unsharded, module by module
         verified = verify_tp(engine, probe.to(device), reference, plan, layout, args)

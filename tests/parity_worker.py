@@ -94,7 +94,6 @@ def run(args, layout, config, source, optimizer_factory, dataset, device):
     ds_config = S.build_ds_config(args, source.tensor_parallel)
     ds_config["zero_allow_untested_optimizer"] = True  # ZeRO asks for this with SGD
     engine = S.build_engine(model, args, layout, ds_config, optimizer=optimizer_factory)
-    S.localize_head_counts(engine.module, layout.tp)
     if args.deepcompile:
         engine.compile()
     probe = next(iter(dataset.iter(batch_size=2)))["input_ids"].to(device)

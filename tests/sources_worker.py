@@ -2,8 +2,8 @@
 
 For each architecture below and each source of TP specs that claims to cover it (a file of partition_configs/,
 a DeepSpeed preset, the model's Hugging Face tp_plan, DeepSpeed's automatic parser), a tiny random model (fp32)
-goes through the script's own steps: spec_source and plan_partition on the shapes-only model, build_engine,
-localize_head_counts, and verify_tp against the same model unsharded, on one 32-token sequence. Each cell
+goes through the script's own steps: spec_source and plan_partition on the shapes-only model, build_engine
+(which localizes the head counts), and verify_tp against the same model unsharded, on one 32-token sequence. Each cell
 is one record: "passes" (with the logits' max difference), "differs" (the first module that disagrees), "drifts"
 (the forward agrees, but after three training steps the weights held whole differ across TP ranks:
 check_replicated_in_sync), "refused" (the script's one-line check, before any weight loads) or "crashes" (the
@@ -76,7 +76,7 @@ def partition_flag(source, config, workdir):
         return None
     if source == "file:phi3@sizes":  # a file per rank: ranks writing one file at once could read half of it
         return phi3_specs_at(config, workdir / f"phi3_at_sizes_rank{os.environ['RANK']}.json")
-    return str(CONFIGS / source[5:]) if source.startswith("file:") else source
+    return str(CONFIGS / source.removeprefix("file:")) if source.startswith("file:") else source
 
 
 def cell(arch, source, layout, device, workdir):
@@ -91,20 +91,19 @@ def cell(arch, source, layout, device, workdir):
         shapes_only = transformers.AutoModelForCausalLM.from_config(config)
     try:
         S.check_model_fits_tp(config, layout.tp, args.seq_length)
-        spec = S.spec_source(args, config, shapes_only)
-        plan = spec.plan(shapes_only, layout.tp)
+        specs = S.spec_source(args, config, shapes_only)
+        plan = specs.plan(shapes_only, layout.tp)
     except S.UsageError as exc:
         return {"result": "refused", "detail": str(exc)}
     model = transformers.AutoModelForCausalLM.from_config(config)
     probe = torch.randint(0, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
     reference = S.unsharded_outputs(model, probe, device) if layout.rank == 0 else None
     try:
-        engine = S.build_engine(model, args, layout, S.build_ds_config(args, spec.tensor_parallel))
+        engine = S.build_engine(model, args, layout, S.build_ds_config(args, specs.tensor_parallel))
         plan = plan or S.observed_plan(engine.module, shapes_only)
         S.check_partition(engine.module, plan)
-        S.localize_head_counts(engine.module, layout.tp)
         report = S.verify_tp(engine, probe.to(device), reference, plan, layout, args)
-        for step in (1, 2, 3):  # then three optimizer steps on it: the weights held whole must stay in step
+        for _ in range(3):  # then three optimizer steps on it: the weights held whole must stay in step
             S.train_step(engine, iter([probe.to(device)]))
         S.check_replicated_in_sync(engine.module, layout, 3)
     except S.UsageError as exc:
@@ -119,7 +118,7 @@ def cell(arch, source, layout, device, workdir):
 def main():
     out_path, argv = sys.argv[1], sys.argv[2:]
     tp = int(argv[argv.index("--tp_size") + 1])
-    archs = [a for a in argv[argv.index("--tp_size") + 2:]] or list(ARCHITECTURES)
+    archs = argv[argv.index("--tp_size") + 2:] or list(ARCHITECTURES)
     layout = S.resolve_layout(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), tp, None)
     device = S.init_distributed(int(os.environ["LOCAL_RANK"]))
     workdir = Path(out_path).parent
