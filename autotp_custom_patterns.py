@@ -1315,7 +1315,7 @@ def model_code_errors(where):
 
 
 def check_replicated_in_sync(model, layout, step):
-    """At each log: every weight the TP ranks hold whole must still be bit-identical on all of them. Specs
+    """At each log: every weight the TP ranks hold whole must still be the same on all of them. Specs
     can pass --verify_tp (the forward) yet train wrong: a weight used on each rank's heads only (Qwen3's
     q_norm, k_norm) gets a partial gradient on each rank unless its spec sums the gradient over the TP group
     (grad_allreduce), and the copies drift apart (with AdamW, from the second step)."""
@@ -1433,11 +1433,11 @@ def find_checkpoint(args):
             raise UsageError(f"--resume_from_checkpoint {given} was written with --{name} {meta['args'].get(name)}, "
                              f"this run has --{name} {getattr(args, name)}: use the checkpoint's value")
     saved = meta["args"]
-    ours = training_settings(saved.get("user_deepspeed_config"))
-    theirs = training_settings(getattr(args, "user_deepspeed_config", None))
-    if ours != theirs:
+    written = training_settings(saved.get("user_deepspeed_config"))
+    now = training_settings(getattr(args, "user_deepspeed_config", None))
+    if written != now:
         raise UsageError(f"--resume_from_checkpoint {given} was written with the --deepspeed_config settings "
-                         f"{json.dumps(ours)[:300]}, this run has {json.dumps(theirs)[:300]}: use the same")
+                         f"{json.dumps(written)[:300]}, this run has {json.dumps(now)[:300]}: use the same")
     if topology(saved) != topology(vars(args)) and 0 in (saved["zero_stage"], args.zero_stage):
         tp, dp, zero = topology(saved)
         raise UsageError(f"--resume_from_checkpoint {given} was written at tp {tp} x dp {dp} with ZeRO-{zero}: "

@@ -1,8 +1,9 @@
 """One process of the export test (tests/test_checkpoints.py launches it with torchrun; not a test itself).
 
-Shards the tiny GPT-NeoX at tp=2 (the output head split by vocabulary, the default), trains a few steps (so the weights are no longer their init), then
-calls the script's export_hf. Rank 0 saves the sharded model's logits on a probe batch next to the
-export; the test reloads the export with plain transformers in a fresh process and compares.
+Shards the tiny GPT-NeoX at tp=2 (the output head split by vocabulary, the default), trains a few steps
+(so the weights are no longer their init), then calls the script's export_hf. Rank 0 saves the sharded
+model's logits on a probe batch next to the export; the test reloads the export with plain transformers in a
+fresh process and compares.
 
 usage: torchrun --standalone --nproc_per_node 2 tests/export_worker.py HF_DIR LOGITS.pt
 """
