@@ -58,6 +58,7 @@ import socket
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.parse
 from dataclasses import asdict, dataclass
@@ -66,16 +67,21 @@ from pathlib import Path
 
 import datasets
 import deepspeed
+import psutil
 import torch
 import torch.distributed as dist
 import transformers
 from deepspeed.accelerator import get_accelerator
+# DeepSpeed's restore of a universal checkpoint: one TP rank's slice of a whole parameter, read off the record the
+# AutoTP layer keeps on it. The per-rank loading below uses it so that no split rule is written twice.
+from deepspeed.checkpoint.universal_checkpoint import _resolve_autotp_partition
 from deepspeed.module_inject.autotp_config import AutoTPConfig, AutoTPPresets, PartitionType, TPLayerSpec
 from deepspeed.module_inject.layers import TensorParallel_Layer
 from deepspeed.module_inject.tp_plan_converter import TPPlanConverter
 from deepspeed.runtime.tensor_parallel.config import _get_hf_tp_plan
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.utils import groups
+from safetensors import safe_open
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig
@@ -101,6 +107,7 @@ PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "B20
                "A100": 312, "L40S": 362}
 # DeepSpeed's monitors (config sections), each with the package it needs; the CSV monitor needs none
 MONITORS = {"tensorboard": "tensorboard", "csv_monitor": None, "wandb": "wandb", "comet": "comet_ml"}
+STAGING_FRACTION = 0.8  # of a GPU's free memory the whole empty model may fill while it is sliced
 TEXT_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -381,6 +388,10 @@ def build_parser():
            f"{', '.join(BUILTIN_SHAPES)}). Default: builtin:tiny without a GPU, builtin:pythia-410m with one")
     a("--tokenizer_name", same_on_resume=True, default=None, help="tokenizer to use instead of the model's own")
     a("--random_init", action="store_true", help="build a hub/local model from its config with random weights")
+    a("--shard_on_load", action=argparse.BooleanOptionalAction, default=None,
+      help="slice the empty model on the host and write each rank's shards straight to its device, so that no "
+           "device ever holds the whole model. Default: on where the model's weights do not fit "
+           f"{STAGING_FRACTION:.0%} of one GPU's free memory, and on CPU; --no-shard_on_load stages it on the GPU")
     a("--trust_remote_code", action="store_true", help="allow model/tokenizer code from the hub")
     a("--partition_config", same_on_resume=True, default=None,
       help="where the layer specs come from: a JSON file (DeepSpeed's partition_config), preset:NAME (DeepSpeed's "
@@ -1207,19 +1218,216 @@ def hub_unreachable():
     return None
 
 
-def build_model(args, config, dtype):
-    """The whole model on the host, in the training dtype, identical on every rank (same seed or same
-    file). It stays on the CPU: deepspeed.initialize shards it, then moves only the shards to the GPU."""
-    transformers.set_seed(args.seed)
-    if args.model_name.startswith(BUILTIN_PREFIX) or args.random_init:
+def build_model(args, config, dtype, where="cpu", weights=None):
+    """The whole model on `where`, its weights from `weights` (default: those of the run, see model_weights):
+    the unsharded reference of --verify_tp and of the tests."""
+    model = empty_model(args, config, dtype, where)
+    fill_weights(model, weights or model_weights(args, config, dtype, where), tp_rank=0, tp=1)
+    return model
+
+
+def empty_model(args, config, dtype, where):
+    """The model's modules with uninitialised parameters on `where` (nothing is written, so nothing is
+    computed, and on the host no memory is touched until a value lands in it) and its buffers computed as
+    transformers computes them when it loads a checkpoint (the rotary inv_freq). Ties restored."""
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    else:
-        model = from_hub(AutoModelForCausalLM.from_pretrained, args.model_name, "--model_name", config=config,
-                         dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model.to_empty(device=where)
+    model.tie_weights()
+    for param in model.parameters():
+        param._is_hf_initialized = True  # transformers' mark for "loaded": initialize_weights skips it
+    model.initialize_weights()  # so this computes the buffers only
     model.config.use_cache = False
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+class RandomWeights:
+    """Random weights, one module at a time: its parameters made whole on the device, initialised by the model's
+    own _init_weights from a generator seeded by the run's seed and the module's name. So the weights depend on
+    the seed and the device type only, not on tp, dp or which loading path made them."""
+    description = "random weights"
+
+    def __init__(self, config, seed, device, trust_remote_code=False):
+        with torch.device("meta"):
+            self.shapes_only = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        self.seed, self.device = seed, device
+
+    def whole(self, wanted):
+        """(name, whole tensor) of every parameter named in `wanted` (name -> the tensor to fill)."""
+        for module_name, module in self.shapes_only.named_modules():
+            own = {f"{module_name}.{n}".lstrip("."): n for n, _ in module.named_parameters(recurse=False)}
+            if not own.keys() & wanted.keys():
+                continue
+            full = copy.copy(module)  # the module alone, the parameters wanted whole and real (others stay meta)
+            full._modules = {}
+            full._parameters = dict(module._parameters) | {
+                n: torch.nn.Parameter(torch.empty_like(module._parameters[n], dtype=wanted[name].dtype,
+                                                       device=self.device))
+                for name, n in own.items() if name in wanted}
+            key = hashlib.sha256(f"{self.seed}/{module_name}".encode()).digest()
+            torch.manual_seed(int.from_bytes(key[:8], "little") >> 1)
+            self.shapes_only._init_weights(full)
+            for name, n in own.items():
+                if name in wanted:
+                    yield name, full._parameters[n].detach()
+
+
+class CheckpointWeights:
+    """A safetensors checkpoint, memory-mapped: a tensor read from it is backed by the file's pages, so taking a
+    rank's slice reads only that slice into memory. Its names are the model's after transformers' own renaming
+    (Pythia's embed_out is lm_head in transformers 5); a checkpoint whose tensors transformers must transform
+    (fuse, split) on load raises NeedsTransformers. Names and shapes are checked against the model up front."""
+
+    def __init__(self, directory, shapes_only, where):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            files = json.loads(index.read_text())["weight_map"]
+        else:
+            with safe_open(str(directory / "model.safetensors"), "pt") as f:
+                files = {key: "model.safetensors" for key in f.keys()}
+        opened = {file: safe_open(str(directory / file), "pt") for file in set(files.values())}
+        mapping = get_model_conversion_mapping(shapes_only)
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        renamings = [m for m in mapping if not isinstance(m, WeightConverter)]
+        expected = dict(shapes_only.named_parameters()) | persistent_buffers(shapes_only)
+        self.tensors = {}  # the model's name -> (the file holding it, the name there)
+        for key, file in files.items():
+            name, converted = rename_source_key(key, renamings, converters, shapes_only.base_model_prefix, expected)
+            if converted:
+                raise NeedsTransformers(f"transformers transforms {key} when it loads it")
+            self.tensors[name if name in expected else key] = (opened[file], key)
+        self.description = f"the checkpoint {directory}"
+        for name, tensor in expected.items():
+            if name not in self.tensors:
+                missing = [n for n in expected if n not in self.tensors]
+                raise UsageError(f"{where}: the checkpoint in {directory} has no tensor {name} (and "
+                                 f"{len(missing) - 1} more): is it a checkpoint of this model?")
+            file, key = self.tensors[name]
+            shape = tuple(file.get_slice(key).get_shape())
+            if shape != tuple(tensor.shape):
+                raise UsageError(f"{where}: the checkpoint in {directory} holds {name} as {shape}, the model "
+                                 f"expects {tuple(tensor.shape)}: is it a checkpoint of this model?")
+
+    def whole(self, wanted):
+        for name in wanted:
+            file, key = self.tensors[name]
+            yield name, file.get_tensor(key)
+
+
+class NeedsTransformers(Exception):
+    """A checkpoint that only transformers' own loading can read."""
+
+
+class StateDictWeights:
+    """Weights transformers loaded whole on the host: for checkpoints without safetensors files."""
+
+    def __init__(self, state_dict, description):
+        self.state_dict, self.description = state_dict, description
+
+    def whole(self, wanted):
+        for name in wanted:
+            yield name, self.state_dict[name]
+
+
+def persistent_buffers(model):
+    return {name: b for name, b in model.named_buffers() if name in model.state_dict()}
+
+
+def model_weights(args, config, dtype, device):
+    """Where the weights come from: random for builtin: shapes and --random_init, otherwise the model's
+    safetensors files (downloaded first, by one rank per node); a checkpoint with none is loaded whole
+    on the host by transformers."""
+    if args.model_name.startswith(BUILTIN_PREFIX) or args.random_init:
+        return RandomWeights(config, args.seed, device, args.trust_remote_code)
+    directory = Path(args.model_name)
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+        directory = Path(from_hub(lambda name, **kw: snapshot_download(name, allow_patterns=["*.safetensors",
+                                  "*.safetensors.index.json"], **kw), args.model_name, "--model_name"))
+    why = "it has no safetensors files"
+    if any(directory.glob("*.safetensors")):
+        with torch.device("meta"):
+            shapes_only = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+        try:
+            return CheckpointWeights(directory, shapes_only, f"--model_name {args.model_name}")
+        except NeedsTransformers as exc:
+            why = str(exc)
+    model = from_hub(AutoModelForCausalLM.from_pretrained, args.model_name, "--model_name", config=config,
+                     dtype=dtype, trust_remote_code=args.trust_remote_code)
+    return StateDictWeights(model.state_dict(), f"{args.model_name}, read whole on the host ({why})")
+
+
+@torch.no_grad()
+def fill_weights(model, weights, tp_rank, tp, show_progress=False):
+    """Write every parameter (and persistent buffer) of `model` from `weights`: where AutoTP split it, only this
+    rank's slice, cut by the record DeepSpeed keeps on each split parameter (the one its universal checkpoints
+    are restored with: the layer's own split sizes, uneven and fused layouts included)."""
+    wanted = dict(model.named_parameters())
+    if not isinstance(weights, RandomWeights):
+        wanted |= persistent_buffers(model)
+    left = set(wanted)
+    for name, full in tqdm(weights.whole(wanted), total=len(wanted), desc="loading weights", unit="tensor",
+                           delay=3, disable=not show_progress):
+        target = wanted[name]
+        mine = _resolve_autotp_partition(target, None, full, tp_rank, tp) if tp > 1 else None
+        target.copy_((full if mine is None else mine).view(target.shape))
+        left.discard(name)
+    if left:
+        raise RuntimeError(f"{weights.description} wrote no value to {sorted(left)[:3]}")
+
+
+def staging_place(args, n_params, dtype, device):
+    """Where the whole, still empty model stands while deepspeed.initialize slices it: on the GPU when its
+    weights fit STAGING_FRACTION of the free memory (the fastest slicing), else on the host, where memory
+    the slicing never writes to is never touched (--shard_on_load). Returns (place, why)."""
+    size_gib = n_params * dtype.itemsize / 2 ** 30
+    if device.type == "cpu":
+        return torch.device("cpu"), "on the host (CPU run)"
+    if args.shard_on_load:
+        return torch.device("cpu"), "on the host (--shard_on_load)"
+    free_gib = torch.cuda.mem_get_info(device)[0] / 2 ** 30
+    if args.shard_on_load is None and size_gib > STAGING_FRACTION * free_gib:
+        return torch.device("cpu"), (f"on the host: its {size_gib:.1f} GiB of weights exceed "
+                                     f"{STAGING_FRACTION:.0%} of the GPU's {free_gib:.1f} GiB free")
+    return device, f"on the GPU ({size_gib:.1f} GiB of weights, {free_gib:.1f} GiB free)"
+
+
+def build_sharded_model(args, config, layout, ds_config, device, n_params, clock, specs_name, train=True,
+                        probe=None):
+    """Each rank builds or reads only the weights it will hold: the model stands empty (on the GPU, or on the
+    host when it does not fit, see staging_place), deepspeed.initialize cuts it into this rank's shards, and
+    then every shard is written from the weights: random ones made one module at a time on the device, or
+    this rank's slices of the checkpoint's tensors. ZeRO's fp32 master weights are then refreshed from them.
+    With a probe (--verify_tp), rank 0 first computes the unsharded reference on a whole model, then frees it.
+    Returns the engine and the reference (None without a probe or off rank 0)."""
+    dtype = DTYPES[args.precision]
+    place, why = staging_place(args, n_params, dtype, device)
+    weights = leader_first(lambda: model_weights(args, config, dtype, device), args.local_rank == 0)
+    reference = None
+    if probe is not None and layout.rank == 0:
+        whole = build_model(args, config, dtype, place, weights)
+        reference = unsharded_outputs(whole, probe)
+        del whole
+    model = empty_model(args, config, dtype, place)
+    clock.lap("model", f"{weights.description}; the empty model {why}")
+    try:
+        engine = build_engine(model, args, layout, ds_config, train=train)
+    except (AssertionError, ValueError, NotImplementedError) as exc:  # DeepSpeed refusing this model or its specs
+        raise UsageError(f"deepspeed.initialize could not shard {args.model_name} with {specs_name}: "
+                         f"{' '.join(str(exc).split())[:300]}") from None
+    del model
+    tp_rank = groups.get_tensor_model_parallel_rank() if layout.tp > 1 else 0
+    fill_weights(engine.module, weights, tp_rank, layout.tp, show_progress=layout.rank == 0)
+    if hasattr(engine.optimizer, "refresh_fp32_params"):  # ZeRO's master copy was taken from the empty model
+        engine.optimizer.refresh_fp32_params()
+    clock.lap("sharding and loading", f"tp rank {tp_rank} of {layout.tp} holds "
+              f"{sum(p.numel() for p in engine.module.parameters()) / 1e6:,.1f}M parameters")
+    return engine, reference
 
 
 def non_embedding_params(model):
@@ -1342,17 +1550,9 @@ def gather_vocab_shards(logits):
     return torch.cat(shards, dim=-1)
 
 
-def unsharded_outputs(model, probe, device):
-    """The reference, on rank 0 before deepspeed.initialize: the whole model on the accelerator for one
-    forward (nothing else is there yet), then back on the host for sharding."""
-    model.to(device)
-    try:
-        return module_outputs(model, probe.to(device))
-    finally:
-        model.to("cpu")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+def unsharded_outputs(model, probe):
+    """The reference: the whole model's outputs on the probe, computed where the model stands."""
+    return module_outputs(model, probe.to(next(model.parameters()).device))
 
 
 def verify_tp(engine, probe, reference, plan, layout, args):
@@ -1584,7 +1784,7 @@ class StopSignal:
 
 # ---- The training loop, evaluation and metrics ---------------------------------------------------
 
-def train(engine, blocks, layout, args, device, meter, resumed=None):
+def train(engine, blocks, layout, args, device, meter, resumed=None, clock=None):
     """The loop, from step 1 or from a checkpoint's run.json (`resumed`). Returns one record per logged
     step, the evaluations, and the name of the signal that stopped it early (or None)."""
     first = resumed["step"] + 1 if resumed else 1
@@ -1602,6 +1802,9 @@ def train(engine, blocks, layout, args, device, meter, resumed=None):
         with model_code_errors("at step 1") if step == first else contextlib.nullcontext():
             loss = train_step(engine, batches)
         samples += args.global_batch_size
+        if step == first and clock:  # the start-up ends with the first step (and its compilation)
+            get_accelerator().synchronize()
+            clock.first_step()
         first_bad = mark_non_finite(first_bad, step, loss, applied_grad_norm(engine))
         window_steps += 1
         bar.update()
@@ -1692,6 +1895,56 @@ class Meter:
                 "peak_memory_gib": peak_memory_gib(self.device)}
 
 
+class Clock:
+    """The start-up, phase by phase: one line each with its seconds, and for results.json the phases and the
+    seconds from the process's start (imports included) to the end of the first optimizer step."""
+
+    def __init__(self, layout):
+        self.layout, self.phases, self.first_step_s = layout, {}, None
+        self.started = self.last = psutil.Process().create_time()
+        self.lap("imports and checks")
+
+    def lap(self, phase, detail=""):
+        now = time.time()
+        self.phases[phase], self.last = round(now - self.last, 3), now
+        log(self.layout, f"start-up: {phase} {self.phases[phase]:.1f} s" + (f" ({detail})" if detail else ""))
+
+    def first_step(self):
+        self.lap("first step", "compilation included where it is on")
+        self.first_step_s = round(self.last - self.started, 3)
+        log(self.layout, f"start-up: the first step ended {self.first_step_s:.1f} s after the process started")
+
+    def summary(self):
+        return self.phases | {"first_step_s": self.first_step_s}
+
+
+class HostMemory:
+    """Peak anonymous resident memory of this process (RssAnon: what it allocated itself, not the file pages it
+    maps, such as a memory-mapped checkpoint, which ru_maxrss counts too), sampled every 20 ms on a thread.
+    None where the system has no /proc."""
+
+    def __init__(self):
+        self.peak = self.read()
+        if self.peak is not None:
+            threading.Thread(target=self.watch, daemon=True).start()
+
+    @staticmethod
+    def read():
+        try:
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+        except (OSError, StopIteration):
+            return None
+
+    def watch(self):
+        while True:
+            self.peak = max(self.peak, self.read())
+            time.sleep(0.02)
+
+    def peak_gib(self):
+        return None if self.peak is None else max(self.peak, self.read()) / 2 ** 30
+
+
 def peak_memory_gib(device):
     """Peak accelerator memory allocated by this rank, or the host process's peak RSS on CPU."""
     if device.type == "cuda":
@@ -1746,6 +1999,7 @@ def plot_losses(history, evals, path):
 # ---- Main: the recipe's steps in order, the optional ones marked ---------------------------------
 
 def main(argv=None):
+    host_memory = HostMemory()
     args = parse_args(argv)
     device_defaults(args)
     check_args(args)
@@ -1785,7 +2039,9 @@ def main(argv=None):
     if args.precision == "bf16" and args.zero_stage == 0 and layout.rank == 0:
         print("warning: bf16 with ZeRO-0 keeps no fp32 master weights; use --zero_stage 1 or 2", flush=True)
 
+    clock = Clock(layout)  # the start-up, phase by phase
     device = init_distributed(args.local_rank)
+    clock.lap("process group", f"{layout.world_size} ranks on {device.type}")
     if universal:  # (optional) resume at another topology: convert the checkpoint once
         log(layout, "{} was written at tp {} x dp {} (ZeRO-{}), resuming at tp {} x dp {} (ZeRO-{}) through a universal "
                     "checkpoint".format(resume_path, *topology(resumed["args"]), *topology(vars(args))))
@@ -1797,22 +2053,18 @@ def main(argv=None):
     if len(tokenizer) > config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens, the model only {config.vocab_size} embeddings")
     check_data_size(blocks, args)
-    model = build_model(args, config, DTYPES[args.precision])
-    probe = blocks["train"][0]["input_ids"][None, :VERIFY_TOKENS]  # the first training sequence
-    reference = unsharded_outputs(model, probe, device) if args.verify_tp and layout.rank == 0 else None
-    n_params, n_non_embedding = sum(p.numel() for p in model.parameters()), non_embedding_params(model)
+    clock.lap("data", f"{len(blocks['train']):,} training blocks of {args.seq_length} tokens")
+    n_params, n_non_embedding = sum(p.numel() for p in shapes_only.parameters()), non_embedding_params(shapes_only)
     flops_per_token = 6 * n_non_embedding + 12 * config.num_hidden_layers * config.hidden_size * args.seq_length
     model_stats = {"parameters": n_params, "non_embedding_parameters": n_non_embedding, "flops_per_token": flops_per_token}
     if layout.rank == 0:
         print(describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device), flush=True)
         print(partition_summary(plan, source, layout.tp) if plan else f"AutoTP partition: {source.name}, read off the "
               "model once sharded", flush=True)
-    # 4. deepspeed.initialize: AutoTP shards the model, ZeRO wraps the optimizer.
-    try:
-        engine = build_engine(model, args, layout, ds_config, train=not evaluate_only)
-    except (AssertionError, ValueError, NotImplementedError) as exc:  # DeepSpeed refusing this model or its specs
-        raise UsageError(f"deepspeed.initialize could not shard {args.model_name} with {source.name}: "
-                         f"{' '.join(str(exc).split())[:300]}") from None
+    # 4. deepspeed.initialize: AutoTP shards the empty model, ZeRO wraps the optimizer, each rank loads its shards.
+    probe = blocks["train"][0]["input_ids"][None, :VERIFY_TOKENS]  # the first training sequence
+    engine, reference = build_sharded_model(args, config, layout, ds_config, device, n_params, clock, source.name,
+                                            train=not evaluate_only, probe=probe if args.verify_tp else None)
     if plan is None:
         plan = observed_plan(engine.module, shapes_only)
         log(layout, partition_summary(plan, source, layout.tp))
@@ -1832,13 +2084,14 @@ def main(argv=None):
     history, evals, stopped_by = [], [], None
     if not args.export_only:
         meter = Meter.for_run(args, layout, device, flops_per_token)
-        history, evals, stopped_by = train(engine, blocks, layout, args, device, meter, resumed)
+        history, evals, stopped_by = train(engine, blocks, layout, args, device, meter, resumed, clock)
     export_dir = None
     if args.export_only or (args.num_steps > 0 and not stopped_by and not args.skip_export):  # (optional)
         export_dir = Path(args.output_dir) / "hf"
         export_hf(engine, tokenizer, layout, export_dir)
         log(layout, f"exported the model (all TP shards gathered) to {export_dir}")
-    results = collect_results(args, layout, model_stats, history, evals, verify_tp=verified, stopped_by=stopped_by,
+    results = collect_results(args, layout, model_stats, history, evals, host_memory, startup=clock.summary(),
+                              verify_tp=verified, stopped_by=stopped_by,
                               resumed_from=resumed and str(resume_path), export_dir=export_dir and str(export_dir),
                               deepspeed_config=engine.config)
     if layout.rank == 0:
@@ -1866,12 +2119,12 @@ def describe_run(args, layout, config, n_params, n_non_embedding, ds_config, dev
     ])
 
 
-def collect_results(args, layout, model_stats, history, evals, **outcome):
-    host_peaks = [None] * layout.world_size  # peak resident memory of each rank's process
-    dist.all_gather_object(host_peaks, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+def collect_results(args, layout, model_stats, history, evals, host_memory, **outcome):
+    host_peaks = [None] * layout.world_size  # peak anonymous resident memory of each rank's process
+    dist.all_gather_object(host_peaks, host_memory.peak_gib())
     return {"args": vars(args), "layout": asdict(layout) | {"tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank},
             "model": model_stats, "train": history, "eval": evals, "throughput": throughput_summary(history),
-            "peak_host_memory_gib_per_rank": host_peaks, **outcome,
+            "host_memory_gib_per_rank": host_peaks, **outcome,
             "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
                          "transformers": transformers.__version__, "datasets": datasets.__version__}}
 

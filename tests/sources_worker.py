@@ -97,7 +97,7 @@ def cell(arch, source, layout, device, workdir):
         return {"result": "refused", "detail": str(exc)}
     model = transformers.AutoModelForCausalLM.from_config(config)
     probe = torch.randint(0, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
-    reference = S.unsharded_outputs(model, probe, device) if layout.rank == 0 else None
+    reference = S.unsharded_outputs(model, probe) if layout.rank == 0 else None
     try:
         engine = S.build_engine(model, args, layout, S.build_ds_config(args, specs.tensor_parallel))
         plan = plan or S.observed_plan(engine.module, shapes_only)
