@@ -39,6 +39,7 @@ Outputs in --output_dir: results.json (arguments, layout, curves, throughput), l
 `python autotp_custom_patterns.py --help` lists every knob.
 """
 import argparse
+import atexit
 import contextlib
 import copy
 import dataclasses
@@ -1414,6 +1415,8 @@ def build_sharded_model(args, config, layout, ds_config, device, n_params, clock
         reference = unsharded_outputs(whole, probe)
         del whole
     model = empty_model(args, config, dtype, place)
+    if device.type == "cuda":  # what the GPU holds before deepspeed.initialize slices: the whole model when staged
+        clock.figures["gpu_memory_before_slicing_gib"] = torch.cuda.memory_allocated(device) / 2 ** 30
     clock.lap("model", f"{weights.description}; the empty model {why}")
     try:
         engine = build_engine(model, args, layout, ds_config, train=train)
@@ -1425,8 +1428,12 @@ def build_sharded_model(args, config, layout, ds_config, device, n_params, clock
     fill_weights(engine.module, weights, tp_rank, layout.tp, show_progress=layout.rank == 0)
     if hasattr(engine.optimizer, "refresh_fp32_params"):  # ZeRO's master copy was taken from the empty model
         engine.optimizer.refresh_fp32_params()
-    clock.lap("sharding and loading", f"tp rank {tp_rank} of {layout.tp} holds "
-              f"{sum(p.numel() for p in engine.module.parameters()) / 1e6:,.1f}M parameters")
+    held = f"tp rank {tp_rank} of {layout.tp} holds {sum(p.numel() for p in engine.module.parameters()) / 1e6:,.1f}M parameters"
+    if device.type == "cuda":  # the peak since DeepSpeed last reset it inside deepspeed.initialize
+        clock.figures["loading_peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        held += (f", GPU memory {clock.figures['gpu_memory_before_slicing_gib']:.1f} GiB before slicing, peak "
+                 f"{clock.figures['loading_peak_gpu_memory_gib']:.1f} GiB while loading")
+    clock.lap("sharding and loading", held)
     return engine, reference
 
 
@@ -1729,6 +1736,10 @@ def load_checkpoint(engine, path, layout):
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:
         raise UsageError(f"DeepSpeed could not load the checkpoint at {path}")
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO's
+    for param, state in (base.state.items() if base is not None and base.defaults.get("fused") else ()):
+        if torch.is_tensor(state.get("step")):  # a universal checkpoint restores AdamW's step counts on the host;
+            state["step"] = state["step"].to(param.device)  # the fused AdamW wants them beside the weights
     if path.name.endswith(UNIVERSAL):
         dropout = any(m.p > 0 for m in engine.module.modules() if isinstance(m, torch.nn.Dropout))
         log(layout, "random number streams start afresh (they are per rank)" + ("" if dropout else
@@ -1900,14 +1911,16 @@ class Clock:
     seconds from the process's start (imports included) to the end of the first optimizer step."""
 
     def __init__(self, layout):
-        self.layout, self.phases, self.first_step_s = layout, {}, None
+        self.layout, self.phases, self.first_step_s, self.figures = layout, {}, None, {}
         self.started = self.last = psutil.Process().create_time()
         self.lap("imports and checks")
 
     def lap(self, phase, detail=""):
         now = time.time()
         self.phases[phase], self.last = round(now - self.last, 3), now
-        log(self.layout, f"start-up: {phase} {self.phases[phase]:.1f} s" + (f" ({detail})" if detail else ""))
+        anonymous = HostMemory.read()
+        memory = f"; host memory {anonymous / 2 ** 30:.1f} GiB" if anonymous is not None else ""
+        log(self.layout, f"start-up: {phase} {self.phases[phase]:.1f} s ({detail}{memory})".replace("(; ", "("))
 
     def first_step(self):
         self.lap("first step", "compilation included where it is on")
@@ -1915,7 +1928,7 @@ class Clock:
         log(self.layout, f"start-up: the first step ended {self.first_step_s:.1f} s after the process started")
 
     def summary(self):
-        return self.phases | {"first_step_s": self.first_step_s}
+        return self.phases | {"first_step_s": self.first_step_s} | self.figures
 
 
 class HostMemory:
@@ -1924,9 +1937,11 @@ class HostMemory:
     None where the system has no /proc."""
 
     def __init__(self):
-        self.peak = self.read()
+        self.peak, self.stopped = self.read(), threading.Event()
         if self.peak is not None:
-            threading.Thread(target=self.watch, daemon=True).start()
+            watcher = threading.Thread(target=self.watch, daemon=True)
+            watcher.start()
+            atexit.register(lambda: (self.stopped.set(), watcher.join()))  # not still reading while Python exits
 
     @staticmethod
     def read():
@@ -1937,9 +1952,8 @@ class HostMemory:
             return None
 
     def watch(self):
-        while True:
+        while not self.stopped.wait(0.02):
             self.peak = max(self.peak, self.read())
-            time.sleep(0.02)
 
     def peak_gib(self):
         return None if self.peak is None else max(self.peak, self.read()) / 2 ** 30
