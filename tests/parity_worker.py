@@ -16,6 +16,7 @@ from pathlib import Path
 import datasets
 import torch
 import torch.distributed as dist
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import autotp_custom_patterns as S  # noqa: E402
@@ -86,10 +87,20 @@ def qkv_heads_held(engine, reference, config, layout):
     return sorted({(i // (3 * hs), (i // hs) % 3) for i in rows})
 
 
+def whole_model(args, config):
+    """The model on the host, built by transformers itself (seeded): independent of the script's loading code."""
+    transformers.set_seed(args.seed)
+    model = S.AutoModelForCausalLM.from_config(config, dtype=S.DTYPES[args.precision])
+    model.config.use_cache = False
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def run(args, layout, config, source, optimizer_factory, dataset, device):
     """source: the script's SpecSource (where the specs come from); optimizer_factory builds the optimizer of
     both models; None: compare step-0 logits only."""
-    model = S.build_model(args, config, S.DTYPES[args.precision])
+    model = whole_model(args, config)
     reference = copy.deepcopy(model).to(device)
     ds_config = S.build_ds_config(args, source.tensor_parallel)
     ds_config["zero_allow_untested_optimizer"] = True  # ZeRO asks for this with SGD
