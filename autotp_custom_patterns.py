@@ -404,8 +404,13 @@ def build_parser():
       "one on the first training sequence, module by module; stop if they differ")
     # parallelism
     a("--tp_size", type=int, default=None,
-      help="tensor-parallel ranks per model replica (default: world_size / dp_size, or world_size when neither is given)")
+      help="tensor-parallel ranks per model replica (default: world_size / dp_size; when neither is given, the "
+           "largest divisor of world_size that the model's heads and MLP width divide into)")
     a("--dp_size", type=int, default=None, help="DP replicas (default: world_size / tp_size)")
+    a("--world_size", type=int, default=None, help="with --dry_run: the number of ranks to lay out (default: "
+      "--tp_size x --dp_size); every tp x dp of it is listed with its memory per rank")
+    a("--gpu_memory_gib", type=float, default=None, help="memory of one GPU, for the layouts of --dry_run and the "
+      "default micro-batch (default: this machine's GPU)")
     a("--zero_stage", type=int, default=2, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
     # DeepSpeed's TP accelerations (tensor_parallel and compile sections of its config)
     a("--vocab_parallel", action=argparse.BooleanOptionalAction, default=None,
@@ -483,7 +488,8 @@ def check_args(args):
                  "keep_last"):
         if (getattr(args, name) or 0) < 0:
             raise UsageError(f"--{name} must be zero or positive, got {getattr(args, name)}")
-    for name in ("tp_size", "dp_size", "preprocessing_num_workers", "batch_size", "seq_length"):  # None: default
+    for name in ("tp_size", "dp_size", "world_size", "gpu_memory_gib", "preprocessing_num_workers", "batch_size",
+                 "seq_length"):  # None: default
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.learning_rate <= 0:
@@ -514,10 +520,15 @@ def check_args(args):
 
 def check_tp_features(args, layout):
     """The TP accelerations need tp > 1, and DeepSpeed 0.19.8 cannot combine DeepCompile's autotp pass with
-    the other two: refused here, before any weight loads."""
+    the other two; that pass is for CPU runs only (README: DeepSpeed's TP accelerations). Refused here, before
+    any weight loads."""
     wanted = [f"--{name}" for name in ("vocab_parallel", "tp_overlap_comm", "deepcompile") if getattr(args, name)]
     if wanted and layout.tp == 1:
         raise UsageError(f"{' and '.join(wanted)} act on tensor-parallel layers: use them with --tp_size > 1")
+    if args.deepcompile and torch.cuda.is_available():
+        raise UsageError("--deepcompile is refused on GPUs: measured on 2 H200s (fp32, tp 2) its autotp pass trains with "
+                         "the unsharded model's losses and gradient norms, but the weights the TP ranks hold whole stop "
+                         "being identical across them, and a bf16 run stopped when they drifted apart; use --compile")
     if args.deepcompile and (args.vocab_parallel or args.tp_overlap_comm or args.compile):
         other = "--tp_overlap_comm" if args.tp_overlap_comm else "--compile" if args.compile else "--vocab_parallel"
         raise UsageError(f"--deepcompile cannot be combined with {other} (DeepSpeed's autotp pass "
@@ -525,21 +536,65 @@ def check_tp_features(args, layout):
                          + (": add --no-vocab_parallel" if other == "--vocab_parallel" else ""))
 
 
-def derive_args(args, layout, config=None):
+def derive_args(args, layout, config=None, shapes_only=None):
     """The values that follow from the flags, the machine and the layout, computed once and kept in args (and
     so in results.json): the device defaults, tp and dp, the TP accelerations, the default warmup and
-    micro-batch (sized to the GPU's memory given the model's config), and the batch arithmetic."""
+    micro-batch (sized to the GPU's memory given the model's config), and the batch arithmetic. A default
+    that does not apply to this model or layout is turned off with one line saying why, never refused."""
     device_defaults(args)
     args.tp_size, args.dp_size = layout.tp, layout.dp
     check_tp_features(args, layout)
     if args.vocab_parallel is None:  # on by default where it applies
-        args.vocab_parallel = layout.tp > 1 and not args.deepcompile
+        why_not = vocab_parallel_refusal(config, shapes_only, layout.tp, args.deepcompile)
+        args.vocab_parallel = why_not is None
+        if why_not and layout.tp > 1 and layout.rank == 0:
+            print(f"the output head stays whole on every TP rank (--vocab_parallel is off): {why_not}", flush=True)
     args.warmup_steps = args.num_steps // 10 if args.warmup_steps is None else args.warmup_steps
     args.micro_batch_sized = args.batch_size is None and config is not None and torch.cuda.is_available()
     if args.batch_size is None:
         args.batch_size = default_micro_batch(args, config, layout) if args.micro_batch_sized else 1
     args.global_batch_size = args.batch_size * args.gradient_accumulation_steps * layout.dp  # sequences per step
     args.tokens_per_step = args.global_batch_size * args.seq_length
+
+
+def vocab_parallel_refusal(config, shapes_only, tp, deepcompile):
+    """Why the vocabulary-parallel head cannot apply here, or None where it does: it needs tp > 1, a tp that
+    divides the vocabulary, and an output head that is a Linear of its own named lm_head or embed_out (the
+    ones DeepSpeed splits), not tied to the input embedding."""
+    if tp == 1:
+        return "tp is 1"
+    if deepcompile:
+        return "DeepCompile's autotp pass cannot take it"
+    if config is not None and config.vocab_size % tp:
+        return f"tp {tp} does not divide the {config.vocab_size}-token vocabulary"
+    if shapes_only is not None:
+        head = shapes_only.get_output_embeddings()
+        name = next((n for n, m in shapes_only.named_modules() if m is head), "").split(".")[-1]
+        if not isinstance(head, torch.nn.Linear) or name not in ("lm_head", "embed_out"):
+            return "the model has no Linear output head named lm_head or embed_out"
+        if head.weight is shapes_only.get_input_embeddings().weight:
+            return "the output head shares its weight with the input embedding"
+    return None
+
+
+def fitting_tps(config, world_size):
+    """The tp sizes of this world that the model's heads and MLP width divide into."""
+    sizes = [getattr(config, n, None) for n in ("num_attention_heads", "num_key_value_heads", "intermediate_size")]
+    return [tp for tp in range(1, world_size + 1) if world_size % tp == 0 and all(not s or s % tp == 0 for s in sizes)]
+
+
+def fit_micro_batch_to_data(args, layout, n_blocks):
+    """A micro-batch sized to the GPU's memory can ask for more sequences per step than the data holds: it is
+    halved until one global batch fits, with one line saying so (a micro-batch given with --batch_size is
+    kept, and check_data_size says what to change). Returns True if it changed."""
+    if not args.micro_batch_sized or n_blocks >= args.global_batch_size:
+        return False
+    while args.batch_size > 1 and args.batch_size * args.gradient_accumulation_steps * layout.dp > n_blocks:
+        args.batch_size //= 2
+    args.global_batch_size = args.batch_size * args.gradient_accumulation_steps * layout.dp
+    args.tokens_per_step = args.global_batch_size * args.seq_length
+    log(layout, f"micro-batch {args.batch_size}: the {n_blocks} training blocks fill no larger global batch")
+    return True
 
 
 # ---- A DeepSpeed config of your own (--deepspeed_config) and DeepSpeed's monitors (--report_to) --
@@ -984,6 +1039,33 @@ def memory_per_rank_gib(local_params, layout, args):
     return {k: v / 2 ** 30 for k, v in parts.items()}
 
 
+def print_layouts(args, config, layout):
+    """--dry_run: every tp x dp of the world, one line each, the recommended one marked."""
+    rows, memory = layout_table(args, config, layout.world_size, layout.tp)
+    where = f"{memory:.0f} GiB (85% usable)" if memory else "a GPU (give --gpu_memory_gib to judge)"
+    lines = [f"layouts of {layout.world_size} ranks at micro-batch {args.batch_size} x {args.seq_length} tokens "
+             f"(estimate: model states + activations), on {where}:"]
+    for r in rows:
+        fit = "" if r["fits"] is None else ", fits" if r["fits"] else ", does not fit"
+        mark = "   <- recommended: the smallest tp that fits" if r["recommended"] else ""
+        lines.append(f"  tp {r['tp']} x dp {r['dp']}: {r['gib_per_rank']:.1f} GiB per rank{fit}{mark}")
+    if layout.rank == 0:
+        print("\n".join(lines), flush=True)
+    return {"layouts": rows}
+
+
+def advise_smaller_tp(args, config, layout):
+    """A run on GPUs whose smaller-tp layout would fit too says so (TP costs throughput per GPU)."""
+    if layout.tp == 1 or not torch.cuda.is_available() or layout.rank != 0:
+        return
+    rows, memory = layout_table(args, config, layout.world_size, layout.tp)
+    smaller = next((r for r in rows if r["fits"] and r["tp"] < layout.tp), None)
+    if smaller:
+        print(f"note: tp {smaller['tp']} x dp {smaller['dp']} would fit too ({smaller['gib_per_rank']:.0f} GiB per rank "
+              f"estimated, of {memory:.0f}) and TP costs throughput per GPU (README: TP where it pays): "
+              f"--tp_size {smaller['tp']} --dp_size {smaller['dp']}", flush=True)
+
+
 # ---- Processes and data: the process group, text, tokenizer, packed blocks -----------------------
 
 def init_distributed(local_rank):
@@ -1159,19 +1241,52 @@ def device_defaults(args):
     args.seq_length = args.seq_length or (2048 if gpu else 512)
 
 
+GPU_MEMORY_USABLE = 0.85  # of a GPU's memory the estimate may fill: the allocator and NCCL need the rest
+
+
+def estimated_memory_gib(args, config, tp, dp, vocab_split):
+    """Per rank, (model states, activations per sequence) in GiB. States: 12 L h^2 block weights split over
+    tp, the embedding and the head V h each (the head split too when vocab_split), as memory_per_rank_gib
+    counts them. Activations: s * L * h * (10 + 24 / tp) bytes in the blocks (Korthikanti et al.'s count for
+    bf16 without the attention scores, which SDPA never stores) and 8 bytes per token and vocabulary entry
+    for the logits and their fp32 loss (/tp when split)."""
+    L, h, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    local_params = 12 * L * h * h / tp + V * h * (1 + (1 / tp if vocab_split else 1))
+    states = memory_per_rank_gib(local_params, Layout(0, tp * dp, tp, dp), args)["total"]
+    per_sequence = args.seq_length * (L * h * (10 + 24 / tp) + 8 * V / (tp if vocab_split else 1))
+    return states, per_sequence / 2 ** 30
+
+
+def gpu_memory_gib(args):
+    """The memory of one GPU: --gpu_memory_gib, or this machine's first GPU; None on a machine without one."""
+    if args.gpu_memory_gib:
+        return args.gpu_memory_gib
+    return torch.cuda.get_device_properties(0).total_memory / 2 ** 30 if torch.cuda.is_available() else None
+
+
 def default_micro_batch(args, config, layout):
-    """The largest power of two of sequences whose activations fit in 85% of the GPU's memory beside the
-    model states (12 L h^2 block weights split over tp, the embedding and head V h each, the head split
-    too under --vocab_parallel): per sequence, s * L * h * (10 + 24 / tp) bytes in the blocks (Korthikanti
-    et al.'s count for bf16 without the attention scores, which SDPA never stores) and 8 bytes per token
-    and vocabulary entry for the logits and their fp32 loss (/tp when split)."""
-    L, h, V, tp = config.num_hidden_layers, config.hidden_size, config.vocab_size, layout.tp
-    local_params = 12 * L * h * h / tp + V * h * (1 + (1 / tp if args.vocab_parallel else 1))
-    free = 0.85 * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    free -= memory_per_rank_gib(local_params, layout, args)["total"] * 2 ** 30
-    per_sequence = args.seq_length * (L * h * (10 + 24 / tp) + 8 * V / (tp if args.vocab_parallel else 1))
-    fits = int(free // per_sequence)
+    """The largest power of two of sequences whose activations fit beside the model states in
+    GPU_MEMORY_USABLE of the GPU's memory (estimated_memory_gib)."""
+    states, per_sequence = estimated_memory_gib(args, config, layout.tp, layout.dp, args.vocab_parallel)
+    fits = int((GPU_MEMORY_USABLE * gpu_memory_gib(args) - states) // per_sequence)
     return 2 ** int(math.log2(fits)) if fits >= 1 else 1
+
+
+def layout_table(args, config, world_size, current_tp):
+    """Every tp x dp of this world the model divides into, with its estimated memory per rank at the
+    micro-batch asked, whether it fits the GPU (when its memory is known), and the recommended one: the
+    smallest tp that fits (TP costs throughput per GPU; README: TP where it pays)."""
+    memory, rows = gpu_memory_gib(args), []
+    for tp in fitting_tps(config, world_size):
+        split = tp > 1 and config.vocab_size % tp == 0 and not args.deepcompile and (args.vocab_parallel or current_tp == 1)
+        states, per_sequence = estimated_memory_gib(args, config, tp, world_size // tp, split)
+        total = states + args.batch_size * per_sequence
+        rows.append({"tp": tp, "dp": world_size // tp, "gib_per_rank": total, "states_gib": states,
+                     "fits": None if memory is None else total <= GPU_MEMORY_USABLE * memory})
+    recommended = next((r for r in rows if r["fits"]), None)
+    for r in rows:
+        r["recommended"] = r is recommended
+    return rows, memory
 
 
 def load_config(args):
@@ -2025,9 +2140,15 @@ def main(argv=None):
     # 2. The rank layout: tp x dp processes, and the values derived from it.
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.dry_run and "WORLD_SIZE" not in os.environ:  # a plain `python` call describing tp x dp ranks
-        world = (args.tp_size or 1) * (args.dp_size or 1)
-    layout = resolve_layout(int(os.environ.get("RANK", 0)), world, args.tp_size, args.dp_size)
-    derive_args(args, layout, config)
+        world = args.world_size or (args.tp_size or 1) * (args.dp_size or 1)
+    tp = args.tp_size
+    if tp is None and args.dp_size is None:  # all of the world, as far as the model divides
+        tp = max(fitting_tps(config, world))
+        if tp < world and int(os.environ.get("RANK", 0)) == 0:
+            print(f"tp {tp} x dp {world // tp}: the model's heads and MLP width do not divide into {world} TP ranks",
+                  flush=True)
+    layout = resolve_layout(int(os.environ.get("RANK", 0)), world, tp, args.dp_size)
+    derive_args(args, layout, config, shapes_only)
     check_model_fits_tp(config, layout.tp, args.seq_length, args.vocab_parallel)
     plan = source.plan(shapes_only, layout.tp, args.vocab_parallel)
     args.compile = decide_compile(args, shapes_only)
@@ -2036,7 +2157,8 @@ def main(argv=None):
         if plan is None:
             raise UsageError(f"--dry_run needs the specs before deepspeed.initialize, and {source.name} decides only "
                              "inside it: use --verify_tp on a short run instead")
-        return dry_run(shapes_only, plan, source.tp_config.layer_specs, layout, args)
+        return dry_run(shapes_only, plan, source.tp_config.layer_specs, layout, args) | print_layouts(args, config, layout)
+    advise_smaller_tp(args, config, layout)
     check_output_dir(args.output_dir)
     args.user_deepspeed_config = user_ds_config(args)  # kept in results.json and each checkpoint's run.json
     resume_path, resumed = find_checkpoint(args) if args.resume_from_checkpoint else (None, None)
@@ -2066,6 +2188,8 @@ def main(argv=None):
     tokenizer, blocks = leader_first(lambda: prepare_data(args), args.local_rank == 0)
     if len(tokenizer) > config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens, the model only {config.vocab_size} embeddings")
+    if fit_micro_batch_to_data(args, layout, len(blocks["train"])):
+        ds_config = build_ds_config(args, source.tensor_parallel, not evaluate_only, universal, args.user_deepspeed_config)
     check_data_size(blocks, args)
     clock.lap("data", f"{len(blocks['train']):,} training blocks of {args.seq_length} tokens")
     n_params, n_non_embedding = sum(p.numel() for p in shapes_only.parameters()), non_embedding_params(shapes_only)
