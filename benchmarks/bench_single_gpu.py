@@ -60,7 +60,10 @@ def baseline(args):
     tokens = torch.randint(0, config.vocab_size, (args.warmup + args.steps, args.batch_size, args.seq_length))
     if args.worker.startswith("plain"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        model.config.use_cache = False  # as the script and the expert loop (../shared/bench/plain_compiled.py) do
+        groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.01},
+                  {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
         compiled, clip = args.worker.startswith("plain_compiled"), args.worker == "plain_compiled"
         if compiled:
             S.compile_blocks(model)
@@ -137,9 +140,9 @@ def main():
     variants = dict(v.split("=", 1) for v in args.variant)
     for run in args.runs.split(",") + [f"script:{name}" for name in variants]:
         if run.startswith("script"):
-            name = run.partition(":")[2]
+            variant = run.partition(":")[2]
             table[run] = run_script(args, Path(args.out).with_suffix("") / run.replace(":", "_"),
-                                    variants[name].split() if name else ())
+                                    variants[variant].split() if variant else ())
         else:
             cmd = [sys.executable, __file__, "--worker", run, "--shape", args.shape, "--batch_size", str(args.batch_size),
                    "--seq_length", str(args.seq_length), "--steps", str(args.steps), "--warmup", str(args.warmup)]

@@ -8,7 +8,8 @@ script's own (results.json: the logged windows after the first, which holds the 
   none        --no-vocab_parallel                     (AutoTP as specified, whole output head on every rank)
   vocab       --vocab_parallel                        (the script's default at tp > 1)
   overlap     --vocab_parallel --tp_overlap_comm
-  deepcompile --deepcompile                           (DeepCompile's autotp pass instead of per-block compile)
+  deepcompile --deepcompile                           (DeepCompile's autotp pass instead of per-block compile;
+                                                       the script refuses it on GPUs, so not in the default list)
 
 At tp=1 the accelerations do not apply: one run, "n/a". With --max_micro_batch the sweep instead looks, for
 each tp and variant, for the largest micro-batch (of --micro_batches) that fits, stopping at the first that
@@ -33,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--shape", default="pythia-1.4b", help="built-in shape (autotp_custom_patterns.BUILTIN_SHAPES)")
     p.add_argument("--gpus", type=int, default=None, help="processes (default: every visible GPU)")
     p.add_argument("--tp", default=None, help="comma-separated tp sizes (default: every divisor of --gpus)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="none,vocab,overlap",
+                   help=f"of {', '.join(VARIANTS)} (deepcompile: the script refuses it on GPUs)")
     p.add_argument("--global_batch", type=int, default=8, help="sequences per optimizer step, fixed across the sweep")
     p.add_argument("--seq_length", type=int, default=2048)
     p.add_argument("--steps", type=int, default=20, help="timed steps, after the warm-up")
