@@ -1541,6 +1541,7 @@ def build_sharded_model(args, config, layout, ds_config, device, n_params, clock
     del model
     tp_rank = groups.get_tensor_model_parallel_rank() if layout.tp > 1 else 0
     fill_weights(engine.module, weights, tp_rank, layout.tp, show_progress=layout.rank == 0)
+    transformers.set_seed(args.seed)  # random weights reseed per module: the run's own streams start from --seed
     if hasattr(engine.optimizer, "refresh_fp32_params"):  # ZeRO's master copy was taken from the empty model
         engine.optimizer.refresh_fp32_params()
     held = f"tp rank {tp_rank} of {layout.tp} holds {sum(p.numel() for p in engine.module.parameters()) / 1e6:,.1f}M parameters"

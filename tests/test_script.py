@@ -118,7 +118,8 @@ def test_mlp_width_not_divisible_by_tp(tmp_path, cache):
     from transformers import GPTNeoXConfig
     GPTNeoXConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=99,
                   vocab_size=512).save_pretrained(tmp_path / "odd")
-    proc, _ = run_script(2, tmp_path, cache, "--model_name", tmp_path / "odd", "--random_init")
+    # asked for: refused (given no sizes, tp would fall back to 1: tests/test_defaults.py)
+    proc, _ = run_script(2, tmp_path, cache, "--model_name", tmp_path / "odd", "--random_init", "--tp_size", "2")
     assert "--tp_size 2 must divide the MLP width 99" in error_line(proc)
 
 
