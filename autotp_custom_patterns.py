@@ -112,6 +112,9 @@ STAGING_FRACTION = 0.8  # of a GPU's free memory the whole empty model may fill 
 TEXT_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
+# ==== THE RECIPE: AutoTP training with DeepSpeed, in the order main() calls it. Copy this part. ===
+# It uses nothing defined below it, only the imports above (tests/test_recipe.py holds it to that).
+
 class UsageError(Exception):
     """Bad input: reported as one line on rank 0, exit code 2, before heavy work where possible."""
 
@@ -119,8 +122,6 @@ class UsageError(Exception):
 class Diverged(Exception):
     """A non-finite loss: reported as one line, exit code 3, no checkpoint written after it."""
 
-
-# ==== THE RECIPE: AutoTP training with DeepSpeed, in the order main() calls it. Copy this part. ===
 
 # ---- 1. Layer specs: which weights AutoTP splits, and how ----------------------------------------
 
@@ -199,17 +200,17 @@ class BatchSizeMPU:
 
 # ---- 3. The DeepSpeed config (and the non-finite guard that replaces its bf16 overflow check) ----
 
-def build_ds_config(args, specs, train=True, load_universal=False, user_config=None):
-    """The whole DeepSpeed configuration, evaluation-only variant included (train=False: ZeRO-0, no optimizer
+def build_ds_config(args, specs, training=True, load_universal=False):
+    """The whole DeepSpeed configuration, evaluation-only variant included (training=False: ZeRO-0, no optimizer
     states to shard). AutoTP is on because autotp_size is set: nothing else to call. load_universal: the
     checkpoint to resume from is in DeepSpeed's universal form (written at another topology). specs: where
     the layer specs come from ({"partition_config": ...}, {"preset_model": NAME}, or nothing: the model's
-    tp_plan or DeepSpeed's parser). user_config: --deepspeed_config and --report_to, merged in."""
-    return merge_user_config(args, {
+    tp_plan or DeepSpeed's parser)."""
+    return {
         "train_micro_batch_size_per_gpu": args.batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "gradient_clipping": args.max_grad_norm,  # DeepSpeed clips at 1.0 unless told otherwise
-        "zero_optimization": {"stage": args.zero_stage if train else 0},
+        "zero_optimization": {"stage": args.zero_stage if training else 0},
         # DeepSpeed's bf16 overflow check tests every gradient and waits for the answer before each step
         # (~60 ms a step for 1.4B on an H100). It is off; in its place the loop keeps mark_non_finite (below)
         # and stops at the first non-finite loss or gradient norm, before any checkpoint is written. Copy
@@ -221,7 +222,7 @@ def build_ds_config(args, specs, train=True, load_universal=False, user_config=N
         **({"compile": {"deepcompile": True, "passes": ["autotp"]}} if args.deepcompile else {}),
         "steps_per_print": 10 ** 9,  # this script does its own logging
         **({"checkpoint": {"load_universal": True}} if load_universal else {}),
-    }, user_config or {})
+    }
 
 
 def mark_non_finite(first_bad, step, loss, grad_norm):
@@ -272,13 +273,14 @@ def warmup_cosine_factory(args):
         optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=max(args.num_steps, 1))
 
 
-def build_engine(model, args, layout, ds_config, optimizer=None, train=True):
-    """deepspeed.initialize: AutoTP shards the model (still on the host), then the engine moves the shards to
-    the device and wraps the optimizer in ZeRO; then the per-rank head counts for model code that reads them.
-    train=False (with build_ds_config(train=False)): no optimizer, so no fp32 master weights or optimizer
+def build_engine(model, args, layout, ds_config, optimizer=None, training=True):
+    """deepspeed.initialize: AutoTP shards the model where it stands, then the engine moves the shards to the
+    device and wraps the optimizer in ZeRO; then the per-rank head counts for model code that reads them.
+    training=False (with build_ds_config(training=False)): no optimizer, so no fp32 master weights or optimizer
     state."""
-    # an optimizer or scheduler in the config (--deepspeed_config) is DeepSpeed's to build
-    own_optimizer, own_schedule = train and "optimizer" not in ds_config, train and "scheduler" not in ds_config
+    # an optimizer or scheduler in the config (a DeepSpeed config of your own) is DeepSpeed's to build
+    own_optimizer = training and "optimizer" not in ds_config
+    own_schedule = training and "scheduler" not in ds_config
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            optimizer=(optimizer or adamw_factory(args)) if own_optimizer else None,
                                            lr_scheduler=warmup_cosine_factory(args) if own_schedule else None,
@@ -326,18 +328,19 @@ def make_sampler(dataset, layout, seed):
                               drop_last=True)
 
 
-def train_batches(dataset, layout, args, device, skip=0):
+def train_batches(dataset, layout, micro_batch, global_batch, seed, device, skip=0):
     """Endless micro-batches for this rank, reshuffled every epoch, after the first `skip` ones (a resumed run
     skips what it already trained on). Optimizer step s takes samples s*G .. (s+1)*G - 1 of the epoch's
-    permutation (G: the global batch), DP rank d every dp-th of them, so the data of each step depends only
-    on seed, epoch and G, not on how G splits into tp x dp, micro-batch and accumulation."""
-    sampler = make_sampler(dataset, layout, args.seed)
-    per_epoch = len(dataset) // args.global_batch_size * args.gradient_accumulation_steps  # micro-batches
+    permutation (G: the global batch, micro-batch x accumulation x dp), DP rank d every dp-th of them, so the
+    data of each step depends only on seed, epoch and G, not on how G splits into tp x dp, micro-batch and
+    accumulation."""
+    sampler = make_sampler(dataset, layout, seed)
+    per_epoch = len(dataset) // global_batch * (global_batch // (micro_batch * layout.dp))  # micro-batches
     for epoch in count(skip // per_epoch):
         sampler.set_epoch(epoch)
-        start = args.batch_size * (skip - epoch * per_epoch if epoch == skip // per_epoch else 0)
-        indices = list(sampler)[start:per_epoch * args.batch_size]
-        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=indices, pin_memory=device.type == "cuda")
+        start = micro_batch * (skip - epoch * per_epoch if epoch == skip // per_epoch else 0)
+        indices = list(sampler)[start:per_epoch * micro_batch]
+        loader = DataLoader(dataset, batch_size=micro_batch, sampler=indices, pin_memory=device.type == "cuda")
         for batch in loader:
             yield batch["input_ids"].to(device, non_blocking=True)
 
@@ -1513,7 +1516,7 @@ def staging_place(args, n_params, dtype, device):
     return device, f"on the GPU ({size_gib:.1f} GiB of weights, {free_gib:.1f} GiB free)"
 
 
-def build_sharded_model(args, config, layout, ds_config, device, n_params, clock, specs_name, train=True,
+def build_sharded_model(args, config, layout, ds_config, device, n_params, clock, specs_name, training=True,
                         probe=None):
     """Each rank builds or reads only the weights it will hold: the model stands empty (on the GPU, or on the
     host when it does not fit, see staging_place), deepspeed.initialize cuts it into this rank's shards, and
@@ -1534,7 +1537,7 @@ def build_sharded_model(args, config, layout, ds_config, device, n_params, clock
         clock.figures["gpu_memory_before_slicing_gib"] = torch.cuda.memory_allocated(device) / 2 ** 30
     clock.lap("model", f"{weights.description}; the empty model {why}")
     try:
-        engine = build_engine(model, args, layout, ds_config, train=train)
+        engine = build_engine(model, args, layout, ds_config, training=training)
     except (AssertionError, ValueError, NotImplementedError) as exc:  # DeepSpeed refusing this model or its specs
         raise UsageError(f"deepspeed.initialize could not shard {args.model_name} with {specs_name}: "
                          f"{' '.join(str(exc).split())[:300]}") from None
@@ -1919,7 +1922,8 @@ def train(engine, blocks, layout, args, device, meter, resumed=None, clock=None)
     samples = resumed["samples_consumed"] if resumed else 0  # where this rank's reading of the data resumes:
     skip = samples // (args.batch_size * layout.dp)  # exactly, when the global batch is the one of the checkpoint
     data_wait = [0.0]  # host seconds spent waiting for the next batch
-    batches = timed(train_batches(blocks["train"], layout, args, device, skip=skip), data_wait)
+    batches = timed(train_batches(blocks["train"], layout, args.batch_size, args.global_batch_size, args.seed, device,
+                                  skip=skip), data_wait)
     stop = StopSignal()
     first_bad = torch.full((), math.inf, device=device)  # first step with a non-finite loss/grad norm, on device
     bar = tqdm(total=args.num_steps, initial=first - 1, unit="step", disable=None if layout.rank == 0 else True)
@@ -2166,7 +2170,8 @@ def main(argv=None):
     universal = resumed is not None and topology(resumed["args"]) != topology(vars(args))
     # 3. The DeepSpeed config, yours merged in, checked by DeepSpeed's own reading before any heavy work.
     evaluate_only = args.num_steps == 0 and not args.resume_from_checkpoint
-    ds_config = build_ds_config(args, source.tensor_parallel, not evaluate_only, universal, args.user_deepspeed_config)
+    ds_config = merge_user_config(args, build_ds_config(args, source.tensor_parallel, not evaluate_only, universal),
+                                  args.user_deepspeed_config)
     check_ds_config(ds_config, f"--deepspeed_config {args.deepspeed_config}" if args.deepspeed_config
                     else "the DeepSpeed config")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
@@ -2190,7 +2195,8 @@ def main(argv=None):
     if len(tokenizer) > config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens, the model only {config.vocab_size} embeddings")
     if fit_micro_batch_to_data(args, layout, len(blocks["train"])):
-        ds_config = build_ds_config(args, source.tensor_parallel, not evaluate_only, universal, args.user_deepspeed_config)
+        ds_config = merge_user_config(args, build_ds_config(args, source.tensor_parallel, not evaluate_only, universal),
+                                      args.user_deepspeed_config)
     check_data_size(blocks, args)
     clock.lap("data", f"{len(blocks['train']):,} training blocks of {args.seq_length} tokens")
     n_params, n_non_embedding = sum(p.numel() for p in shapes_only.parameters()), non_embedding_params(shapes_only)
@@ -2203,7 +2209,7 @@ def main(argv=None):
     # 4. deepspeed.initialize: AutoTP shards the empty model, ZeRO wraps the optimizer, each rank loads its shards.
     probe = blocks["train"][0]["input_ids"][None, :VERIFY_TOKENS]  # the first training sequence
     engine, reference = build_sharded_model(args, config, layout, ds_config, device, n_params, clock, source.name,
-                                            train=not evaluate_only, probe=probe if args.verify_tp else None)
+                                            training=not evaluate_only, probe=probe if args.verify_tp else None)
     if plan is None:
         plan = observed_plan(engine.module, shapes_only)
         log(layout, partition_summary(plan, source, layout.tp))

@@ -31,7 +31,7 @@ def main():
     dataset = random_blocks(16, args.seq_length, config.vocab_size, seed=2)
     engine = S.build_engine(S.build_model(args, config, torch.float32), args, layout,
                             S.build_ds_config(args, {"partition_config": S.builtin_partition_config()}))
-    batches = S.train_batches(dataset, layout, args, device)
+    batches = S.train_batches(dataset, layout, args.batch_size, args.global_batch_size, args.seed, device)
     for _ in range(args.num_steps):
         S.train_step(engine, batches)
     # Any tokenizer will do (the test is about the weights); a two-word one needs no training.

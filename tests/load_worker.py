@@ -36,7 +36,8 @@ def prepared(argv, layout):
 
 
 def first_losses(engine, args, layout, config, device):
-    batches = S.train_batches(random_blocks(16, args.seq_length, config.vocab_size, seed=3), layout, args, device)
+    batches = S.train_batches(random_blocks(16, args.seq_length, config.vocab_size, seed=3), layout, args.batch_size,
+                             args.global_batch_size, args.seed, device)
     return [S.train_step(engine, batches).item() for _ in range(STEPS)]
 
 

@@ -34,7 +34,7 @@ def random_blocks(n, seq_length, vocab, seed):
 def reference_batches(dataset, layout, args, device):
     """The global batch of each step, in the order the DP ranks' samplers hand it out."""
     per_rank = [S.train_batches(dataset, S.Layout(d * layout.tp, layout.world_size, layout.tp, layout.dp),
-                                args, device) for d in range(layout.dp)]
+                                args.batch_size, args.global_batch_size, args.seed, device) for d in range(layout.dp)]
     while True:
         yield torch.cat([next(it) for _ in range(args.gradient_accumulation_steps) for it in per_rank])
 
@@ -120,7 +120,8 @@ def run(args, layout, config, source, optimizer_factory, dataset, device):
 
     opt = optimizer_factory(reference.parameters())
     sched = S.warmup_cosine_factory(args)(opt)
-    batches, ref_batches = S.train_batches(dataset, layout, args, device), reference_batches(dataset, layout, args, device)
+    batches = S.train_batches(dataset, layout, args.batch_size, args.global_batch_size, args.seed, device)
+    ref_batches = reference_batches(dataset, layout, args, device)
     result.update(losses=[], reference_losses=[], grad_norms=[], reference_grad_norms=[])
     for _ in range(STEPS):
         result["losses"].append(S.dp_mean(S.train_step(engine, batches), engine, layout))

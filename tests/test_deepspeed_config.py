@@ -58,7 +58,8 @@ def config_for(tmp_path, content, *argv):
     (tmp_path / "ds.json").write_text(content)
     args = args_for("--deepspeed_config", str(tmp_path / "ds.json"), "--output_dir", str(tmp_path), *argv)
     S.derive_args(args, S.resolve_layout(0, 4, tp=2))
-    return S.build_ds_config(args, {"partition_config": S.builtin_partition_config()}, user_config=S.user_ds_config(args))
+    return S.merge_user_config(args, S.build_ds_config(args, {"partition_config": S.builtin_partition_config()}),
+                               S.user_ds_config(args))
 
 
 @pytest.mark.parametrize("content,message", [

@@ -323,8 +323,9 @@ def test_resumed_batches_continue_where_the_run_stopped(n, batch, skip):
     layout = S.resolve_layout(1, 4, tp=2)
     args = args_for("--batch_size", str(batch))
     S.derive_args(args, layout)
-    fresh = S.train_batches(dataset, layout, args, torch.device("cpu"))
-    resumed = S.train_batches(dataset, layout, args, torch.device("cpu"), skip=skip)
+    fresh = S.train_batches(dataset, layout, args.batch_size, args.global_batch_size, args.seed, torch.device("cpu"))
+    resumed = S.train_batches(dataset, layout, args.batch_size, args.global_batch_size, args.seed, torch.device("cpu"),
+                               skip=skip)
     expected = [b.tolist() for b in itertools.islice(fresh, skip, skip + 30)]
     assert [b.tolist() for b in itertools.islice(resumed, 30)] == expected
 
@@ -338,7 +339,8 @@ def samples_per_step(dataset, world, tp, batch, accumulation, skip_steps=0, step
     layouts = [S.resolve_layout(rank, world, tp=tp) for rank in range(0, world, tp)]
     args = args_for("--batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation))
     S.derive_args(args, layouts[0])
-    streams = [S.train_batches(dataset, l, args, torch.device("cpu"), skip=skip_steps * accumulation) for l in layouts]
+    streams = [S.train_batches(dataset, l, args.batch_size, args.global_batch_size, args.seed, torch.device("cpu"),
+                                 skip=skip_steps * accumulation) for l in layouts]
     return [sorted(i for stream in streams for _ in range(accumulation) for i in next(stream).flatten().tolist())
             for _ in range(steps)]
 
