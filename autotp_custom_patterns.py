@@ -113,7 +113,7 @@ TEXT_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv":
 
 
 # ==== THE RECIPE: AutoTP training with DeepSpeed, in the order main() calls it. Copy this part. ===
-# It uses nothing defined below it, only the imports above (tests/test_recipe.py holds it to that).
+# It uses nothing defined below it, only the imports above.
 
 class UsageError(Exception):
     """Bad input: reported as one line on rank 0, exit code 2, before heavy work where possible."""
@@ -211,10 +211,10 @@ def build_ds_config(args, specs, training=True, load_universal=False):
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "gradient_clipping": args.max_grad_norm,  # DeepSpeed clips at 1.0 unless told otherwise
         "zero_optimization": {"stage": args.zero_stage if training else 0},
-        # DeepSpeed's bf16 overflow check tests every gradient and waits for the answer before each step
-        # (~60 ms a step for 1.4B on an H100). It is off; in its place the loop keeps mark_non_finite (below)
-        # and stops at the first non-finite loss or gradient norm, before any checkpoint is written. Copy
-        # this line only together with that guard.
+        # DeepSpeed's bf16 overflow check tests every gradient and waits for the answer before each step: a
+        # host sync per step. It is off; in its place the loop keeps mark_non_finite (below) and stops at the
+        # first non-finite loss or gradient norm, before any checkpoint is written. Copy this line only
+        # together with that guard.
         "bf16": {"enabled": args.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": args.precision == "fp16", "initial_scale_power": 16},
         "tensor_parallel": {"autotp_size": args.tp_size, **specs,
@@ -307,8 +307,7 @@ def localize_head_counts(model, tp):
     """After sharding, each module that holds TP layers computes tp times fewer heads than the model's config
     says, and some models' code reads that count in the forward (Phi-3 finds where K starts in its fused QKV
     output from config.num_attention_heads). Such modules get a copy of the config with the per-rank counts;
-    the model's own config stays whole (the export writes it). Checked on every architecture of the README's
-    table (tests/test_sources.py)."""
+    the model's own config stays whole (the export writes it)."""
     for module in model.modules():
         if getattr(module, "config", None) is model.config and module is not model and any(
                 isinstance(child, TensorParallel_Layer) for child in module.children()):
@@ -522,9 +521,9 @@ def check_args(args):
 
 
 def check_tp_features(args, layout):
-    """The TP accelerations need tp > 1, and DeepSpeed 0.19.8 cannot combine DeepCompile's autotp pass with
-    the other two; that pass is for CPU runs only (README: DeepSpeed's TP accelerations). Refused here, before
-    any weight loads."""
+    """The TP accelerations need tp > 1, and DeepSpeed cannot combine DeepCompile's autotp pass with the other
+    two; that pass is for CPU runs only (on GPUs the weights the TP ranks hold whole drift apart under it).
+    Refused here, before any weight loads."""
     wanted = [f"--{name}" for name in ("vocab_parallel", "tp_overlap_comm", "deepcompile") if getattr(args, name)]
     if wanted and layout.tp == 1:
         raise UsageError(f"{' and '.join(wanted)} act on tensor-parallel layers: use them with --tp_size > 1")
@@ -773,9 +772,8 @@ def spec_source(args, config, shapes_only):
     return SpecSource(f"the spec file {given}", {"partition_config": partition_config}, autotp_config(partition_config))
 
 
-# What tests/test_sources.py measured on tiny random models at tp=2 and 4 (README: Which specs for which model):
-# the sources that pass --verify_tp and keep the whole weights in step for three training steps, per model type,
-# and those found wrong. Files are named as in partition_configs/.
+# Measured on tiny random models at tp=2 and 4: the sources that pass --verify_tp and keep the whole weights in
+# step for three training steps, per model type, and those found wrong. Files are named by their file name.
 SOURCES_VERIFIED = {
     "gpt_neox": {"builtin", "gpt_neox.json", "tp_plan"}, "llama": {"llama.json", "preset:llama", "tp_plan"},
     "mistral": {"llama.json", "preset:llama", "tp_plan"}, "qwen2": {"llama.json", "preset:qwen2", "tp_plan"},
@@ -1278,7 +1276,7 @@ def default_micro_batch(args, config, layout):
 def layout_table(args, config, world_size, current_tp):
     """Every tp x dp of this world the model divides into, with its estimated memory per rank at the
     micro-batch asked, whether it fits the GPU (when its memory is known), and the recommended one: the
-    smallest tp that fits (TP costs throughput per GPU; README: TP where it pays)."""
+    smallest tp that fits (TP costs throughput per GPU)."""
     memory, rows = gpu_memory_gib(args), []
     for tp in fitting_tps(config, world_size):
         split = tp > 1 and config.vocab_size % tp == 0 and not args.deepcompile and (args.vocab_parallel or current_tp == 1)
@@ -1396,7 +1394,7 @@ class RandomWeights:
 class CheckpointWeights:
     """A safetensors checkpoint, memory-mapped: a tensor read from it is backed by the file's pages, so taking a
     rank's slice reads only that slice into memory. Its names are the model's after transformers' own renaming
-    (Pythia's embed_out is lm_head in transformers 5); a checkpoint whose tensors transformers must transform
+    (Pythia's embed_out becomes lm_head); a checkpoint whose tensors transformers must transform
     (fuse, split) on load raises NeedsTransformers. Names and shapes are checked against the model up front."""
 
     def __init__(self, directory, shapes_only, where):
@@ -1583,11 +1581,10 @@ def decide_compile(args, model):
 
 
 def compile_blocks(model):
-    """torch.compile each transformer block and the loss, not the whole model. Compiled whole (torch 2.11,
-    transformers 5.17), the model hands attention an explicit causal mask instead of none, and the cuDNN
-    attention kernels ran 3x slower on an H100 (82 ms a step instead of 26, Pythia-1.4B), more than the
-    fusion saved (benchmarks/compile_mask_check.py). Identical blocks share one compiled graph, so
-    compiling costs about one block's time."""
+    """torch.compile each transformer block and the loss, not the whole model: compiled whole, the model
+    hands attention an explicit causal mask instead of none, and the slower attention kernels that takes
+    cost more than the fusion saves. Identical blocks share one compiled graph, so compiling costs about one
+    block's time."""
     blocks = repeated_blocks(model)
     for block in blocks:
         block.compile()  # in place: parameter names, hooks and checkpoints stay as they were
@@ -2004,7 +2001,7 @@ def evaluate(engine, dataset, layout, args, device, step):
 class Meter:
     """What turns a measured step time into the logged throughput figures; fixed for the run."""
     tokens_per_step: int
-    flops_per_token: float  # 6 N + 12 L H S (README: MFU)
+    flops_per_token: float  # 6 N + 12 L H S: N parameters outside the embeddings, L layers, H hidden, S sequence
     peak_flops: float | None  # of all the run's accelerators together; None (CPU, unknown GPU): no MFU
     device: torch.device
 

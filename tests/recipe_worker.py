@@ -8,7 +8,6 @@ usage: torchrun --standalone --nproc_per_node 2 tests/recipe_worker.py OUT.json
 """
 import ast
 import json
-import os
 import sys
 import types
 from pathlib import Path

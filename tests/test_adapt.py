@@ -18,23 +18,7 @@ import pytest
 from transformers import LlamaConfig, Phi3Config, Qwen2Config
 
 import autotp_custom_patterns as S
-from test_parity import ROOT, check_parity, torchrun
-from test_script import assert_learned, error_line, run_script
-
-CONFIGS = ROOT / "partition_configs"
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=8192, max_position_embeddings=512, tie_word_embeddings=False)
-
-
-def tiny_phi3_specs(with_shape=True):
-    """partition_configs/phi3_mini.json with the tiny model's sizes: q 4 heads x 16, k and v 2 x 16, MLP 128."""
-    specs = json.loads((CONFIGS / "phi3_mini.json").read_text())
-    specs["layer_specs"][0]["shape"] = [[64, 32, 32], -1]
-    specs["layer_specs"][2]["shape"] = [[128, 128], -1]
-    if not with_shape:
-        for spec in specs["layer_specs"]:
-            spec.pop("shape", None), spec.pop("partition_dim", None)
-    return specs
+from conftest import ROOT, CONFIGS, SMALL, torchrun, run_script, error_line, assert_learned, check_parity, tiny_phi3_specs
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "phi3"])

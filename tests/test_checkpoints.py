@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, SCRIPT, torchrun, run_script, error_line
 
-from test_parity import ROOT, torchrun
-from test_script import SCRIPT, error_line, run_script
 
 TOL = 1e-6
 TOPOLOGY_TOL = 1e-5  # another tp x dp sums the same terms in another order
@@ -128,12 +127,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path, cache, uni
 
 def plain_logits_diff(hf_a, hf_b):
     """Max logit difference of two exported models, each loaded by plain transformers (no DeepSpeed)."""
-    check = ("import sys, torch, transformers; assert 'deepspeed' not in sys.modules\n"
-             "ids = torch.randint(0, 8000, (2, 48), generator=torch.Generator().manual_seed(0))\n"
-             "a, b = (transformers.AutoModelForCausalLM.from_pretrained(d)(input_ids=ids).logits for d in sys.argv[1:])\n"
-             "print((a - b).abs().max().item())")
-    proc = subprocess.run([sys.executable, "-c", check, str(hf_a), str(hf_b)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, ROOT / "tests" / "plain_worker.py", "models", hf_a, hf_b],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return float(proc.stdout.split()[-1])
 
@@ -162,22 +157,11 @@ def test_resume_at_tp4_dp1_continues_the_run_and_reuses_its_conversion(tmp_path,
     assert_same_losses_after(again, reference, 8, TOPOLOGY_TOL)
 
 
-KILLED_CONVERSION = """
-import os, pathlib, signal, sys
-sys.path.insert(0, sys.argv[1])
-import autotp_custom_patterns as S
-from deepspeed.checkpoint import ds_to_universal
-# SIGKILL at the converter's second step, once its first has written the ZeRO fragments
-ds_to_universal._merge_tp_slice_files = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
-S.universal_checkpoint(pathlib.Path(sys.argv[2]), S.Layout(0, 1, 1, 1))
-"""
-
-
 def test_a_conversion_killed_part_way_is_redone_at_tp1_dp2(tmp_path, cache, uninterrupted, killed):
     _, reference = uninterrupted
     checkpoints_of(killed, tmp_path)
     step8 = tmp_path / "checkpoints" / "step_0000008"
-    proc = subprocess.run([sys.executable, "-c", KILLED_CONVERSION, str(ROOT), str(step8)], capture_output=True,
+    proc = subprocess.run([sys.executable, ROOT / "tests" / "killed_conversion_worker.py", step8], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     partial = step8.with_name("step_0000008_universal.partial")
@@ -228,12 +212,8 @@ def test_export_reloads_in_plain_transformers_with_the_sharded_logits(tmp_path):
     sharded = tmp_path / "sharded_logits.pt"
     proc = torchrun(2, ROOT / "tests" / "export_worker.py", tmp_path / "hf", sharded)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    check = (f"import sys, torch, transformers; assert 'deepspeed' not in sys.modules\n"
-             f"saved = torch.load({str(sharded)!r})\n"
-             f"model = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r})\n"
-             f"logits = model(input_ids=saved['input_ids']).logits\n"
-             f"print((logits - saved['logits']).abs().max().item())")
-    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, ROOT / "tests" / "plain_worker.py", "saved", sharded, tmp_path / "hf"],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     diff = float(proc.stdout.split()[-1])
     assert diff < 1e-5, f"reloaded logits differ from the sharded model's by {diff:.2e}"

@@ -14,8 +14,7 @@ import json
 import pytest
 
 import autotp_custom_patterns as S
-from test_script import error_line, run_script
-from test_units import args_for
+from conftest import run_script, error_line, args_for
 
 
 def test_a_config_of_ones_own_reaches_the_engine_and_the_csv_monitor(tmp_path, cache):

@@ -18,10 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import autotp_custom_patterns as S
-from test_loading import neox, save_checkpoint
-from test_parity import ROOT
-from test_script import error_line, run_script
-from test_units import args_for
+from conftest import ROOT, run_script, error_line, args_for, neox, save_checkpoint
 
 SHORT = ["--seq_length", "32", "--num_steps", "2", "--log_interval", "1", "--eval_interval", "0", "--skip_export"]
 

@@ -16,30 +16,12 @@ import json
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPTNeoXConfig, Phi3Config
+from transformers import Phi3Config
 
 import autotp_custom_patterns as S
-from test_adapt import SMALL, tiny_phi3_specs
-from test_parity import ROOT, torchrun
-from test_script import error_line, run_script
+from conftest import ROOT, SMALL, torchrun, run_script, error_line, neox, save_checkpoint, tiny_phi3_specs
 
 WORKER = ROOT / "tests" / "load_worker.py"
-
-
-def save_checkpoint(path, config):
-    """A random fp32 model in safetensors, with a tokenizer (any will do: these tests are about the weights)."""
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    vocab = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1}, unk_token="[UNK]"))
-    vocab.pre_tokenizer = pre_tokenizers.Whitespace()  # a token per word
-    transformers.PreTrainedTokenizerFast(tokenizer_object=vocab, eos_token="<|endoftext|>").save_pretrained(path)
-    return path
-
-
-def neox(heads, hidden):
-    return GPTNeoXConfig(num_hidden_layers=2, hidden_size=hidden, num_attention_heads=heads,
-                         intermediate_size=4 * hidden, vocab_size=1024, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")

@@ -14,24 +14,10 @@ PyTorch on the union of the DP ranks' batches:
 
 Run: python -m pytest tests/test_parity.py -q   (about two minutes on 2 cores)
 """
-import itertools
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-TOL = 1e-5
-
-
-def torchrun(nproc, script, *args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(script), *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+from conftest import ROOT, torchrun, check_parity
 
 
 # (tp, dp, accumulation, ZeRO stage, variants: the script's flags for each parity run of the launch)
@@ -61,25 +47,3 @@ def test_sharded_model_matches_unsharded(tmp_path, tp, dp, accumulation, zero, v
                                             for role in range(3)], f"rank {rank} holds {held}"
 
 
-def check_parity(results):
-    """The sharded run against the unsharded reference, for each variant and optimizer, and the wrong specs
-    failing."""
-    for (variant, runs), (name, weight_tol) in itertools.product(results["variants"].items(), (("adamw", 1e-4), ("sgd", TOL))):
-        r = runs[name]
-        name = f"{variant or 'as given'}, {name}"
-        vocab, hidden = r["reference_head_shape"]
-        assert r["head_shape"] == [vocab // r["tp"] if runs["vocab_parallel"] else vocab, hidden], (name, r["head_shape"])
-        assert r["step0_logits_max_diff"] < TOL, f"{name}: step-0 logits differ by {r['step0_logits_max_diff']}"
-        loss_diffs = [abs(a - b) for a, b in zip(r["losses"], r["reference_losses"])]
-        assert len(loss_diffs) >= 10 and max(loss_diffs) < TOL, f"{name}: loss differences {loss_diffs}"
-        assert r["losses"][-1] < r["losses"][0] - 0.5, f"{name}: the loss did not fall: {r['losses']}"
-        if "--zero_stage 0" in variant:  # without ZeRO, DeepSpeed reports no global gradient norm
-            assert r["grad_norms"] == [None] * len(r["grad_norms"]), name
-        else:
-            norm_errors = [abs(a - b) / b for a, b in zip(r["grad_norms"], r["reference_grad_norms"])]
-            assert max(norm_errors) < TOL, f"{name}: relative grad-norm errors {norm_errors}"
-        assert r["replicated_identical"], f"{name}: replicated weights differ across TP ranks"
-        # AdamW divides by sqrt(v): near-zero gradients amplify fp32 rounding in the weights it moves.
-        assert r["final_weights_max_diff"] < weight_tol, f"{name}: weights off by {r['final_weights_max_diff']}"
-    wrong = results["wrong_specs"]["step0_logits_max_diff"]
-    assert wrong > 1e-2, f"the wrong specs should break parity, but logits differ by only {wrong}"

@@ -10,7 +10,7 @@ import math
 import symtable
 
 from recipe_worker import recipe_source
-from test_parity import ROOT, torchrun
+from conftest import ROOT, torchrun
 
 
 def test_the_recipe_uses_no_name_defined_outside_it():

@@ -12,23 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SCRIPT, run_script, error_line, assert_learned
 
-from test_parity import ROOT, torchrun
-
-SCRIPT = ROOT / "autotp_custom_patterns.py"
-
-
-def assert_learned(results, vocab_size=8192):
-    """It trains: the held-out loss ends more than one nat below ln(vocab), the loss of a model that has
-    learned nothing (a uniform guess, where every random init starts), and below its first evaluation.
-    Unlike single-step training losses, evaluations are free of batch-to-batch noise."""
-    evals = [e["loss"] for e in results["eval"]]
-    assert len(evals) >= 2 and evals[-1] < math.log(vocab_size) - 1.0 and evals[-1] < evals[0], evals
-
-
-def run_script(nproc, out, cache, *args):
-    proc = torchrun(nproc, SCRIPT, "--output_dir", out, "--cache_dir", cache, *args)
-    return proc, (json.loads((Path(out) / "results.json").read_text()) if proc.returncode == 0 else None)
 
 
 def test_trains_tp2_dp2_on_the_embedded_corpus(tmp_path, cache):
@@ -71,15 +56,6 @@ def test_deepspeed_launcher_with_text_files_and_eval_only(tmp_path, cache):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert evaluated["train"] == [] and len(evaluated["eval"]) == 1 and evaluated["eval"][0]["step"] == 0
     assert math.isfinite(evaluated["eval"][0]["loss"])
-
-
-def error_line(proc):
-    """The one `error:` line of a failed run (rank 0's), and no traceback through the script on any rank
-    (torchrun prints one of its own when a worker exits non-zero)."""
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
-    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
-    assert f'{SCRIPT.name}", line' not in proc.stderr, proc.stderr[-3000:]
-    return lines[0]
 
 
 def test_compiled_blocks_train_as_the_eager_model_does(tmp_path, cache):
@@ -135,29 +111,6 @@ def test_data_problems_found_after_tokenizing_stop_every_rank(tmp_path, cache):
     assert "has no column 'text'" in error_line(proc)
 
 
-NAN_GRADIENT = """
-import math, sys, torch
-sys.path.insert(0, sys.argv[1])
-import autotp_custom_patterns as S
-args = S.parse_args(["--model_name", "builtin:tiny", "--precision", sys.argv[2], "--seq_length", "32",
-                     "--tp_size", "1", "--dp_size", "1", "--warmup_steps", "0"])
-layout = S.resolve_layout(0, 1, 1, 1)
-S.derive_args(args, layout)
-device = S.init_distributed(0)
-model = S.build_model(args, S.load_config(args), S.DTYPES[args.precision])
-engine = S.build_engine(model, args, layout, S.build_ds_config(args, {"partition_config": S.builtin_partition_config()}))
-weight = engine.module.gpt_neox.layers[0].mlp.dense_h_to_4h.weight
-weight.register_hook(lambda grad: grad * float("nan"))
-ids = torch.randint(0, 100, (2, 32), device=device)
-loss = engine(input_ids=ids, labels=ids).loss
-engine.backward(loss)
-engine.step()
-print(math.isfinite(loss.item()), S.mark_non_finite(torch.tensor(math.inf), 1, loss, S.applied_grad_norm(engine)).item(),
-      bool(torch.isfinite(weight).all()))
-torch.distributed.destroy_process_group()
-"""
-
-
 @pytest.mark.parametrize("precision,expected", [
     ("bf16", ["True", "1.0", "False"]),  # finite loss, step 1 marked, the NaN reached the weights
     # DeepSpeed skipped the step (loss-scale overflow): not a divergence. DeepSpeed's CPU accelerator has no fp16.
@@ -165,11 +118,10 @@ torch.distributed.destroy_process_group()
         not torch.cuda.is_available(), reason="fp16 training needs a GPU")),
 ])
 def test_a_nan_gradient_with_a_finite_loss_is_caught_at_its_step(precision, expected):
-    """The bf16 default turns DeepSpeed's own overflow check off (it costs a host sync and ~60 ms a step on
-    an H100). Then a NaN gradient does reach the weights, and the gradient norm DeepSpeed reports is what
+    """The bf16 default turns DeepSpeed's own overflow check off (it costs a host sync every step). Then a NaN gradient does reach the weights, and the gradient norm DeepSpeed reports is what
     shows it in the same step: train() stops there, before any checkpoint. fp16 keeps DeepSpeed's check,
     which skips such a step and lowers the loss scale; training goes on."""
-    proc = subprocess.run([sys.executable, "-c", NAN_GRADIENT, str(ROOT), precision], capture_output=True,
+    proc = subprocess.run([sys.executable, ROOT / "tests" / "nan_gradient_worker.py", precision], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "MASTER_PORT": "29517"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-3:] == expected

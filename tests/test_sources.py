@@ -16,7 +16,6 @@ DeepSpeed's automatic parser, for each architecture one of them claims to cover.
 Run: python -m pytest tests/test_sources.py -q   (about a minute on 2 cores)
 """
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +23,7 @@ from transformers import AutoModelForCausalLM, BloomConfig, Phi3Config
 
 import autotp_custom_patterns as S
 from sources_worker import ARCHITECTURES
-from test_parity import ROOT, check_parity, torchrun
-from test_script import error_line, run_script
+from conftest import ROOT, torchrun, run_script, error_line, check_parity
 
 MARK = "<!-- table made by tests/test_sources.py -->"
 

@@ -15,12 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import autotp_custom_patterns as S
-
-
-def args_for(*argv):
-    args = S.parse_args(list(argv))
-    args.model_name = args.model_name or "builtin:tiny"
-    return args
+from conftest import args_for
 
 
 # ---- topology -----------------------------------------------------------------------------------
