@@ -500,6 +500,8 @@ def check_args(args):
         raise UsageError("--validation_split_percentage must be between 0 and 100")
     if args.deepspeed_config and not Path(args.deepspeed_config).is_file():
         raise UsageError(f"--deepspeed_config {args.deepspeed_config} does not exist")
+    if args.world_size and not args.dry_run:
+        raise UsageError("--world_size describes the ranks of --dry_run; a launch takes its size from the launcher")
     if args.export_only and not args.resume_from_checkpoint:
         raise UsageError("--export_only exports a checkpoint: give --resume_from_checkpoint too")
     if args.dataset_name and args.train_file:

@@ -231,6 +231,8 @@ def test_packing_joins_documents_with_eos_into_full_blocks(small_tokenizer):
     (["--dataset_name", "wikitext", "--train_file", "a.txt"], "either --dataset_name or --train_file"),
     (["--export_only"], "give --resume_from_checkpoint too"),
     (["--save_interval", "-5"], "--save_interval must be zero or positive"),
+    (["--world_size", "8"], "--world_size describes the ranks of --dry_run"),
+    (["--dry_run", "--gpu_memory_gib", "0"], "--gpu_memory_gib must be positive"),
 ])
 def test_bad_arguments_name_what_to_change(argv, message):
     with pytest.raises(S.UsageError, match=message):
