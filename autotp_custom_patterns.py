@@ -481,6 +481,11 @@ def build_parser():
     return p
 
 
+def builtin_shape(model_name):
+    """NAME of a --model_name builtin:NAME (a Pythia shape with random weights), None for a hub id or directory."""
+    return model_name[len(BUILTIN_PREFIX):] if model_name and model_name.startswith(BUILTIN_PREFIX) else None
+
+
 def check_args(args):
     """Checks that need no model and no process group. Raises UsageError naming the flag to change."""
     for name in ("gradient_accumulation_steps", "log_interval"):
@@ -516,10 +521,9 @@ def check_args(args):
             raise UsageError(f"--{flag} {path} does not exist")
         if Path(path).stat().st_size == 0:
             raise UsageError(f"--{flag} {path} is empty")
-    if args.model_name and args.model_name.startswith(BUILTIN_PREFIX):
-        name = args.model_name[len(BUILTIN_PREFIX):]
-        if name not in BUILTIN_SHAPES:
-            raise UsageError(f"unknown built-in model {name!r}: use builtin: with one of {', '.join(BUILTIN_SHAPES)}")
+    name = builtin_shape(args.model_name)
+    if name is not None and name not in BUILTIN_SHAPES:
+        raise UsageError(f"unknown built-in model {name!r}: use builtin: with one of {', '.join(BUILTIN_SHAPES)}")
 
 
 def check_tp_features(args, layout):
@@ -551,8 +555,8 @@ def derive_args(args, layout, config=None, shapes_only=None):
     if args.vocab_parallel is None:  # on by default where it applies
         why_not = vocab_parallel_refusal(config, shapes_only, layout.tp, args.deepcompile)
         args.vocab_parallel = why_not is None
-        if why_not and layout.tp > 1 and layout.rank == 0:
-            print(f"the output head stays whole on every TP rank (--vocab_parallel is off): {why_not}", flush=True)
+        if why_not and layout.tp > 1:
+            log(layout, f"the output head stays whole on every TP rank (--vocab_parallel is off): {why_not}")
     args.warmup_steps = args.num_steps // 10 if args.warmup_steps is None else args.warmup_steps
     args.micro_batch_sized = args.batch_size is None and config is not None and torch.cuda.is_available()
     if args.batch_size is None:
@@ -611,15 +615,20 @@ SCRIPT_OWNED = {
     "tensor_parallel": "--tp_size, --partition_config, --vocab_parallel or --tp_overlap_comm", "compile": "--deepcompile"}
 
 
+def read_json(path, flag):
+    """A JSON file a user gave with `flag`: its content, or one line saying where it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag} {path} is not valid JSON: {exc}") from None
+
+
 def user_ds_config(args):
     """The settings to merge into the script's DeepSpeed config: --deepspeed_config's, and the monitor that
     --report_to asks for (files under <output_dir>/monitor). A monitor whose package is missing is refused."""
     config = {}
     if args.deepspeed_config:
-        try:
-            config = json.loads(Path(args.deepspeed_config).read_text())
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--deepspeed_config {args.deepspeed_config} is not valid JSON: {exc}")
+        config = read_json(args.deepspeed_config, "--deepspeed_config")
         if not isinstance(config, dict):
             raise UsageError(f"--deepspeed_config {args.deepspeed_config} is not a DeepSpeed config (a JSON object of "
                              f"its sections, e.g. {{\"zero_optimization\": {{...}}}}), got a {type(config).__name__}")
@@ -805,8 +814,7 @@ def warn_about_source(source, config, layout, args):
                    "--verify_tp (and watch for the whole weights drifting apart at the first logs)")
     else:
         return
-    if layout.rank == 0:
-        print(message, flush=True)
+    log(layout, message)
 
 
 def observed_plan(model, shapes_only):
@@ -834,10 +842,7 @@ def load_partition_config(path):
     """--partition_config FILE -> DeepSpeed's partition_config. The file holds that object as it stands in
     a DeepSpeed config ({"layer_specs": [...], "use_default_specs": ..., "strict_mode": ...}), or just the
     list of layer specs; it goes to DeepSpeed as written."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--partition_config {path} is not valid JSON: {exc}")
+    data = read_json(path, "--partition_config")
     data = {"layer_specs": data} if isinstance(data, list) else data
     if not isinstance(data, dict) or not isinstance(data.get("layer_specs"), list) or not data["layer_specs"]:
         raise UsageError(f"--partition_config {path}: expected DeepSpeed's partition_config, {{\"layer_specs\": [...]}} "
@@ -1025,8 +1030,7 @@ def dry_run(model, plan, specs, layout, args):
     warnings = [f"warning: {r['weight']} {r['global']} ({math.prod(r['global']) / 1e6:.1f}M parameters, "
                 f"{100 * math.prod(r['global']) / total:.0f}% of the model) stays whole on every TP rank"
                 for r in rows if r["type"] == "replicated" and math.prod(r["global"]) > 0.02 * total]
-    if layout.rank == 0:
-        print("\n".join(lines + warnings), flush=True)
+    log(layout, "\n".join(lines + warnings))
     return {"dry_run": rows, "memory_per_rank_gib": memory, "warnings": warnings}
 
 
@@ -1052,21 +1056,20 @@ def print_layouts(args, config, layout):
         fit = "" if r["fits"] is None else ", fits" if r["fits"] else ", does not fit"
         mark = "   <- recommended: the smallest tp that fits" if r["recommended"] else ""
         lines.append(f"  tp {r['tp']} x dp {r['dp']}: {r['gib_per_rank']:.1f} GiB per rank{fit}{mark}")
-    if layout.rank == 0:
-        print("\n".join(lines), flush=True)
+    log(layout, "\n".join(lines))
     return {"layouts": rows}
 
 
 def advise_smaller_tp(args, config, layout):
     """A run on GPUs whose smaller-tp layout would fit too says so (TP costs throughput per GPU)."""
-    if layout.tp == 1 or not torch.cuda.is_available() or layout.rank != 0:
+    if layout.tp == 1 or not torch.cuda.is_available():
         return
     rows, memory = layout_table(args, config, layout.world_size, layout.tp)
     smaller = next((r for r in rows if r["fits"] and r["tp"] < layout.tp), None)
     if smaller:
-        print(f"note: tp {smaller['tp']} x dp {smaller['dp']} would fit too ({smaller['gib_per_rank']:.0f} GiB per rank "
-              f"estimated, of {memory:.0f}) and TP costs throughput per GPU (README: TP where it pays): "
-              f"--tp_size {smaller['tp']} --dp_size {smaller['dp']}", flush=True)
+        log(layout, f"note: tp {smaller['tp']} x dp {smaller['dp']} would fit too ({smaller['gib_per_rank']:.0f} GiB "
+                    f"per rank estimated, of {memory:.0f}) and TP costs throughput per GPU (README: TP where it pays): "
+                    f"--tp_size {smaller['tp']} --dp_size {smaller['dp']}")
 
 
 # ---- Processes and data: the process group, text, tokenizer, packed blocks -----------------------
@@ -1187,7 +1190,7 @@ def train_bpe_tokenizer(train_text, text_column, vocab_size, cache_dir):
 
 
 def load_tokenizer(args, raw):
-    if args.tokenizer_name or not args.model_name.startswith(BUILTIN_PREFIX):
+    if args.tokenizer_name or builtin_shape(args.model_name) is None:
         flag = "--tokenizer_name" if args.tokenizer_name else "--model_name"
         return from_hub(AutoTokenizer.from_pretrained, args.tokenizer_name or args.model_name, flag,
                         trust_remote_code=args.trust_remote_code)
@@ -1294,8 +1297,8 @@ def layout_table(args, config, world_size, current_tp):
 
 def load_config(args):
     """The model's config, cheap: checks run on it before any weight is loaded."""
-    if args.model_name.startswith(BUILTIN_PREFIX):
-        layers, hidden, heads, vocab = BUILTIN_SHAPES[args.model_name[len(BUILTIN_PREFIX):]]
+    if builtin_shape(args.model_name) is not None:
+        layers, hidden, heads, vocab = BUILTIN_SHAPES[builtin_shape(args.model_name)]
         # Pythia's other settings are GPTNeoXConfig's defaults (rotary on 25% of each head, parallel
         # residual, untied output head, 2048 positions).
         return GPTNeoXConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
@@ -1461,7 +1464,7 @@ def model_weights(args, config, dtype, device):
     """Where the weights come from: random for builtin: shapes and --random_init, otherwise the model's
     safetensors files (downloaded first, by one rank per node); a checkpoint with none is loaded whole
     on the host by transformers."""
-    if args.model_name.startswith(BUILTIN_PREFIX) or args.random_init:
+    if builtin_shape(args.model_name) is not None or args.random_init:
         return RandomWeights(config, args.seed, device, args.trust_remote_code)
     directory = Path(args.model_name)
     if not directory.is_dir():
@@ -1820,25 +1823,33 @@ def topology(run_args):
 def universal_checkpoint(path, layout):
     """DeepSpeed's universal form of a checkpoint (ds_to_universal: every parameter and optimizer state whole,
     loadable at any tp x dp), converted once and kept beside it. The conversion runs in a .partial directory
-    renamed when complete, so one killed part-way is redone, never trusted."""
+    renamed when complete (written_whole), so one killed part-way is redone, never trusted."""
     target = path.with_name(path.name + UNIVERSAL)
     if (target / "run.json").is_file():
         log(layout, f"reusing the universal checkpoint {target}")
         return target
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     log(layout, f"converting {path} to a universal checkpoint (once; kept as {target})")
     from deepspeed.checkpoint import ds_to_universal
+    with written_whole(target) as partial:
+        with open(partial / "convert.log", "w") as out, contextlib.redirect_stdout(out):
+            ds_to_universal.main(argparse.Namespace(input_folder=str(path), output_folder=str(partial), strict=True,
+                                                    num_extract_workers=4, num_merge_workers=2,
+                                                    keep_temp_folder=False, inject_missing_state=False))
+        (path.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer: the tag is passed
+        shutil.copy2(path / "run.json", partial / "run.json")
+    return target
+
+
+@contextlib.contextmanager
+def written_whole(target):
+    """A directory written as target.partial and renamed to target once complete, so that neither a reader nor a
+    later run ever takes a half-written one (an interrupted run's .partial is cleared first)."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    with open(partial / "convert.log", "w") as out, contextlib.redirect_stdout(out):
-        ds_to_universal.main(argparse.Namespace(input_folder=str(path), output_folder=str(partial), strict=True,
-                                                num_extract_workers=4, num_merge_workers=2,
-                                                keep_temp_folder=False, inject_missing_state=False))
-    (path.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer: the tag is passed instead
-    shutil.copy2(path / "run.json", partial / "run.json")
+    yield partial
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
-    return target
 
 
 def rng_state():
@@ -1879,14 +1890,10 @@ def export_hf(engine, tokenizer, layout, out_dir):
     else:
         state = engine.module.state_dict()
     if layout.rank == 0:
-        out_dir = Path(out_dir)
-        partial = out_dir.with_name(out_dir.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
         engine.module.config.use_cache = True  # training switched the KV cache off; generation wants it
-        engine.module.save_pretrained(partial, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(partial)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        partial.rename(out_dir)
+        with written_whole(Path(out_dir)) as partial:
+            engine.module.save_pretrained(partial, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(partial)
     dist.barrier()
 
 
@@ -2086,8 +2093,10 @@ def peak_memory_gib(device):
 
 
 def log(layout, message):
+    """The one way the script talks: rank 0 only, above any progress bar, at once (stdout may be a pipe)."""
     if layout.rank == 0:
         tqdm.write(message)
+        sys.stdout.flush()
 
 
 def format_record(r):
@@ -2174,11 +2183,11 @@ def main(argv=None):
     check_ds_config(ds_config, f"--deepspeed_config {args.deepspeed_config}" if args.deepspeed_config
                     else "the DeepSpeed config")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
-    if layout.rank == 0 and layout.tp > local_world:
-        print(f"warning: tp={layout.tp} spans more than one node ({local_world} ranks per node): "
-              "TP traffic will cross the network", flush=True)
-    if args.precision == "bf16" and args.zero_stage == 0 and layout.rank == 0:
-        print("warning: bf16 with ZeRO-0 keeps no fp32 master weights; use --zero_stage 1 or 2", flush=True)
+    if layout.tp > local_world:
+        log(layout, f"warning: tp={layout.tp} spans more than one node ({local_world} ranks per node): "
+                    "TP traffic will cross the network")
+    if args.precision == "bf16" and args.zero_stage == 0:
+        log(layout, "warning: bf16 with ZeRO-0 keeps no fp32 master weights; use --zero_stage 1 or 2")
 
     clock = Clock(layout)  # the start-up, phase by phase
     device = init_distributed(args.local_rank)
@@ -2201,10 +2210,9 @@ def main(argv=None):
     n_params, n_non_embedding = sum(p.numel() for p in shapes_only.parameters()), non_embedding_params(shapes_only)
     flops_per_token = 6 * n_non_embedding + 12 * config.num_hidden_layers * config.hidden_size * args.seq_length
     model_stats = {"parameters": n_params, "non_embedding_parameters": n_non_embedding, "flops_per_token": flops_per_token}
-    if layout.rank == 0:
-        print(describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device), flush=True)
-        print(partition_summary(plan, source, layout.tp) if plan else f"AutoTP partition: {source.name}, read off the "
-              "model once sharded", flush=True)
+    log(layout, describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device))
+    log(layout, partition_summary(plan, source, layout.tp) if plan else f"AutoTP partition: {source.name}, read off "
+                "the model once sharded")
     # 4. deepspeed.initialize: AutoTP shards the empty model, ZeRO wraps the optimizer, each rank loads its shards.
     probe = blocks["train"][0]["input_ids"][None, :VERIFY_TOKENS]  # the first training sequence
     engine, reference = build_sharded_model(args, config, layout, ds_config, device, n_params, clock, source.name,
@@ -2247,8 +2255,7 @@ def main(argv=None):
 def describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device):
     sized = " (sized to the GPU memory; --batch_size to set)" if args.micro_batch_sized else ""
     return "\n".join([
-        f"versions: python {platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
-        f"transformers {transformers.__version__}, datasets {datasets.__version__}",
+        "versions: " + ", ".join(f"{name} {version}" for name, version in library_versions().items()),
         f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU, gloo'})",
         f"layout: world {layout.world_size} = tp {layout.tp} x dp {layout.dp}; TP groups "
         f"{[list(range(d * layout.tp, (d + 1) * layout.tp)) for d in range(layout.dp)]}, DP groups "
@@ -2269,8 +2276,12 @@ def collect_results(args, layout, model_stats, history, evals, host_memory, **ou
     return {"args": vars(args), "layout": asdict(layout) | {"tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank},
             "model": model_stats, "train": history, "eval": evals, "throughput": throughput_summary(history),
             "host_memory_gib_per_rank": host_peaks, **outcome,
-            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                         "transformers": transformers.__version__, "datasets": datasets.__version__}}
+            "versions": library_versions()}
+
+
+def library_versions():
+    return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__, "datasets": datasets.__version__}
 
 
 def write_results(results, output_dir):
