@@ -561,7 +561,12 @@ def derive_args(args, layout, config=None, shapes_only=None):
     args.micro_batch_sized = args.batch_size is None and config is not None and torch.cuda.is_available()
     if args.batch_size is None:
         args.batch_size = default_micro_batch(args, config, layout) if args.micro_batch_sized else 1
-    args.global_batch_size = args.batch_size * args.gradient_accumulation_steps * layout.dp  # sequences per step
+    set_global_batch(args, layout)
+
+
+def set_global_batch(args, layout):
+    """The batch arithmetic: sequences and tokens per optimizer step."""
+    args.global_batch_size = args.batch_size * args.gradient_accumulation_steps * layout.dp
     args.tokens_per_step = args.global_batch_size * args.seq_length
 
 
@@ -587,8 +592,7 @@ def vocab_parallel_refusal(config, shapes_only, tp, deepcompile):
 
 def fitting_tps(config, world_size):
     """The tp sizes of this world that the model's heads and MLP width divide into."""
-    sizes = [getattr(config, n, None) for n in ("num_attention_heads", "num_key_value_heads", "intermediate_size")]
-    return [tp for tp in range(1, world_size + 1) if world_size % tp == 0 and all(not s or s % tp == 0 for s in sizes)]
+    return [tp for tp in range(1, world_size + 1) if world_size % tp == 0 and tp_misfit(config, tp) is None]
 
 
 def fit_micro_batch_to_data(args, layout, n_blocks):
@@ -599,8 +603,7 @@ def fit_micro_batch_to_data(args, layout, n_blocks):
         return False
     while args.batch_size > 1 and args.batch_size * args.gradient_accumulation_steps * layout.dp > n_blocks:
         args.batch_size //= 2
-    args.global_batch_size = args.batch_size * args.gradient_accumulation_steps * layout.dp
-    args.tokens_per_step = args.global_batch_size * args.seq_length
+    set_global_batch(args, layout)
     log(layout, f"micro-batch {args.batch_size}: the {n_blocks} training blocks fill no larger global batch")
     return True
 
@@ -662,6 +665,12 @@ def merge_user_config(args, ours, theirs):
 
 
 MISSING = object()
+
+
+def run_ds_config(args, source, training, load_universal):
+    """The recipe's DeepSpeed config for this run, with the user's own (--deepspeed_config, --report_to) merged in."""
+    return merge_user_config(args, build_ds_config(args, source.tensor_parallel, training, load_universal),
+                             args.user_deepspeed_config)
 
 
 def training_settings(user_config):
@@ -981,13 +990,21 @@ def partition_summary(plan, source, tp):
     return "\n".join(rows)
 
 
-def check_model_fits_tp(config, tp, seq_length, vocab_parallel=False):
+def tp_misfit(config, tp):
+    """What of the model tp does not divide (its heads, its MLP width), or None."""
     for name in ("num_attention_heads", "num_key_value_heads"):
         heads = getattr(config, name, None)
         if heads and heads % tp:
-            raise UsageError(f"--tp_size {tp} must divide the {heads} attention heads ({name})")
+            return f"the {heads} attention heads ({name})"
     if getattr(config, "intermediate_size", None) and config.intermediate_size % tp:
-        raise UsageError(f"--tp_size {tp} must divide the MLP width {config.intermediate_size}")
+        return f"the MLP width {config.intermediate_size}"
+    return None
+
+
+def check_model_fits_tp(config, tp, seq_length, vocab_parallel=False):
+    misfit = tp_misfit(config, tp)
+    if misfit:
+        raise UsageError(f"--tp_size {tp} must divide {misfit}")
     if vocab_parallel and config.vocab_size % tp:
         raise UsageError(f"--vocab_parallel splits the {config.vocab_size}-token vocabulary: --tp_size {tp} must divide "
                          "it, or use --no-vocab_parallel")
@@ -1348,12 +1365,17 @@ def build_model(args, config, dtype, where="cpu", weights=None):
     return model
 
 
+def meta_model(config, trust_remote_code, dtype=None):
+    """The model's modules with shapes and names only (on the meta device): no memory, no computation."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
 def empty_model(args, config, dtype, where):
     """The model's modules with uninitialised parameters on `where` (nothing is written, so nothing is
     computed, and on the host no memory is touched until a value lands in it) and its buffers computed as
     transformers computes them when it loads a checkpoint (the rotary inv_freq). Ties restored."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model = meta_model(config, args.trust_remote_code, dtype)
     model.to_empty(device=where)
     model.tie_weights()
     for param in model.parameters():
@@ -1371,10 +1393,8 @@ class RandomWeights:
     the seed and the device type only, not on tp, dp or which loading path made them."""
     description = "random weights"
 
-    def __init__(self, config, seed, device, trust_remote_code=False):
-        with torch.device("meta"):
-            self.shapes_only = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        self.seed, self.device = seed, device
+    def __init__(self, shapes_only, seed, device):
+        self.shapes_only, self.seed, self.device = shapes_only, seed, device
 
     def whole(self, wanted):
         """(name, whole tensor) of every parameter named in `wanted` (name -> the tensor to fill)."""
@@ -1460,12 +1480,13 @@ def persistent_buffers(model):
     return {name: b for name, b in model.named_buffers() if name in model.state_dict()}
 
 
-def model_weights(args, config, dtype, device):
+def model_weights(args, config, dtype, device, shapes_only=None):
     """Where the weights come from: random for builtin: shapes and --random_init, otherwise the model's
     safetensors files (downloaded first, by one rank per node); a checkpoint with none is loaded whole
-    on the host by transformers."""
+    on the host by transformers. shapes_only: the model on the meta device, if already built."""
+    shapes_only = shapes_only or meta_model(config, args.trust_remote_code)
     if builtin_shape(args.model_name) is not None or args.random_init:
-        return RandomWeights(config, args.seed, device, args.trust_remote_code)
+        return RandomWeights(shapes_only, args.seed, device)
     directory = Path(args.model_name)
     if not directory.is_dir():
         from huggingface_hub import snapshot_download
@@ -1473,8 +1494,6 @@ def model_weights(args, config, dtype, device):
                                   "*.safetensors.index.json"], **kw), args.model_name, "--model_name"))
     why = "it has no safetensors files"
     if any(directory.glob("*.safetensors")):
-        with torch.device("meta"):
-            shapes_only = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
         try:
             return CheckpointWeights(directory, shapes_only, f"--model_name {args.model_name}")
         except NeedsTransformers as exc:
@@ -1519,7 +1538,7 @@ def staging_place(args, n_params, dtype, device):
     return device, f"on the GPU ({size_gib:.1f} GiB of weights, {free_gib:.1f} GiB free)"
 
 
-def build_sharded_model(args, config, layout, ds_config, device, n_params, clock, specs_name, training=True,
+def build_sharded_model(args, config, shapes_only, layout, ds_config, device, clock, specs_name, training=True,
                         probe=None):
     """Each rank builds or reads only the weights it will hold: the model stands empty (on the GPU, or on the
     host when it does not fit, see staging_place), deepspeed.initialize cuts it into this rank's shards, and
@@ -1528,8 +1547,8 @@ def build_sharded_model(args, config, layout, ds_config, device, n_params, clock
     With a probe (--verify_tp), rank 0 first computes the unsharded reference on a whole model, then frees it.
     Returns the engine and the reference (None without a probe or off rank 0)."""
     dtype = DTYPES[args.precision]
-    place, why = staging_place(args, n_params, dtype, device)
-    weights = leader_first(lambda: model_weights(args, config, dtype, device), args.local_rank == 0)
+    place, why = staging_place(args, sum(p.numel() for p in shapes_only.parameters()), dtype, device)
+    weights = leader_first(lambda: model_weights(args, config, dtype, device, shapes_only), args.local_rank == 0)
     reference = None
     if probe is not None and layout.rank == 0:
         whole = build_model(args, config, dtype, place, weights)
@@ -2045,8 +2064,8 @@ class Clock:
         now = time.time()
         self.phases[phase], self.last = round(now - self.last, 3), now
         anonymous = HostMemory.read()
-        memory = f"; host memory {anonymous / 2 ** 30:.1f} GiB" if anonymous is not None else ""
-        log(self.layout, f"start-up: {phase} {self.phases[phase]:.1f} s ({detail}{memory})".replace("(; ", "("))
+        memory = f"host memory {anonymous / 2 ** 30:.1f} GiB" if anonymous is not None else ""
+        log(self.layout, f"start-up: {phase} {self.phases[phase]:.1f} s ({'; '.join(filter(None, [detail, memory]))})")
 
     def first_step(self):
         self.lap("first step", "compilation included where it is on")
@@ -2146,8 +2165,7 @@ def main(argv=None):
     device_defaults(args)
     check_args(args)
     config = load_config(args)
-    with torch.device("meta"):  # shapes and names only: the specs are checked on it before any weight loads
-        shapes_only = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+    shapes_only = meta_model(config, args.trust_remote_code)  # the specs are checked on it before any weight loads
     # 1. The layer specs: the built-in GPT-NeoX ones, a spec file, a DeepSpeed preset or the model's tp_plan.
     source = spec_source(args, config, shapes_only)
     # 2. The rank layout: tp x dp processes, and the values derived from it.
@@ -2157,10 +2175,9 @@ def main(argv=None):
     tp = args.tp_size
     if tp is None and args.dp_size is None:  # all of the world, as far as the model divides
         tp = max(fitting_tps(config, world))
-        if tp < world and int(os.environ.get("RANK", 0)) == 0:
-            print(f"tp {tp} x dp {world // tp}: the model's heads and MLP width do not divide into {world} TP ranks",
-                  flush=True)
     layout = resolve_layout(int(os.environ.get("RANK", 0)), world, tp, args.dp_size)
+    if args.tp_size is None and args.dp_size is None and tp < world:
+        log(layout, f"tp {tp} x dp {world // tp}: the model's heads and MLP width do not divide into {world} TP ranks")
     derive_args(args, layout, config, shapes_only)
     check_model_fits_tp(config, layout.tp, args.seq_length, args.vocab_parallel)
     plan = source.plan(shapes_only, layout.tp, args.vocab_parallel)
@@ -2178,8 +2195,7 @@ def main(argv=None):
     universal = resumed is not None and topology(resumed["args"]) != topology(vars(args))
     # 3. The DeepSpeed config, yours merged in, checked by DeepSpeed's own reading before any heavy work.
     evaluate_only = args.num_steps == 0 and not args.resume_from_checkpoint
-    ds_config = merge_user_config(args, build_ds_config(args, source.tensor_parallel, not evaluate_only, universal),
-                                  args.user_deepspeed_config)
+    ds_config = run_ds_config(args, source, not evaluate_only, universal)
     check_ds_config(ds_config, f"--deepspeed_config {args.deepspeed_config}" if args.deepspeed_config
                     else "the DeepSpeed config")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
@@ -2203,8 +2219,7 @@ def main(argv=None):
     if len(tokenizer) > config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens, the model only {config.vocab_size} embeddings")
     if fit_micro_batch_to_data(args, layout, len(blocks["train"])):
-        ds_config = merge_user_config(args, build_ds_config(args, source.tensor_parallel, not evaluate_only, universal),
-                                      args.user_deepspeed_config)
+        ds_config = run_ds_config(args, source, not evaluate_only, universal)
     check_data_size(blocks, args)
     clock.lap("data", f"{len(blocks['train']):,} training blocks of {args.seq_length} tokens")
     n_params, n_non_embedding = sum(p.numel() for p in shapes_only.parameters()), non_embedding_params(shapes_only)
@@ -2215,7 +2230,7 @@ def main(argv=None):
                 "the model once sharded")
     # 4. deepspeed.initialize: AutoTP shards the empty model, ZeRO wraps the optimizer, each rank loads its shards.
     probe = blocks["train"][0]["input_ids"][None, :VERIFY_TOKENS]  # the first training sequence
-    engine, reference = build_sharded_model(args, config, layout, ds_config, device, n_params, clock, source.name,
+    engine, reference = build_sharded_model(args, config, shapes_only, layout, ds_config, device, clock, source.name,
                                             training=not evaluate_only, probe=probe if args.verify_tp else None)
     if plan is None:
         plan = observed_plan(engine.module, shapes_only)

@@ -48,8 +48,7 @@ def compare(argv, layout, device):
     before = S.AutoModelForCausalLM.from_pretrained(args.model_name, dtype=dtype)  # whole, on the host
     before.config.use_cache = False
     old = S.build_engine(before, args, layout, ds_config)
-    n_params = sum(p.numel() for p in shapes_only.parameters())
-    new, _ = S.build_sharded_model(args, config, layout, ds_config, device, n_params, S.Clock(layout), "specs")
+    new, _ = S.build_sharded_model(args, config, shapes_only, layout, ds_config, device, S.Clock(layout), "specs")
     old_shards, new_shards = old.module.state_dict(), new.module.state_dict()
     same = old_shards.keys() == new_shards.keys() and all(
         old_shards[k].shape == new_shards[k].shape and torch.equal(old_shards[k], new_shards[k]) for k in old_shards)
@@ -64,8 +63,7 @@ def compare(argv, layout, device):
 def dump_random_model(path, layout, device):
     """The script's random builtin:tiny weights at this tp, gathered whole (rank 0 saves them)."""
     args, config, shapes_only, ds_config = prepared(["--model_name", "builtin:tiny", "--precision", "fp32"], layout)
-    n_params = sum(p.numel() for p in shapes_only.parameters())
-    engine, _ = S.build_sharded_model(args, config, layout, ds_config, device, n_params, S.Clock(layout), "specs")
+    engine, _ = S.build_sharded_model(args, config, shapes_only, layout, ds_config, device, S.Clock(layout), "specs")
     state = engine._consolidated_16bit_state_dict() if layout.tp > 1 else engine.module.state_dict()
     if layout.rank == 0:
         torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, path)
