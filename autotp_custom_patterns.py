@@ -44,6 +44,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import hashlib
 import importlib.util
 import json
@@ -374,11 +375,52 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, on rank 0, every rank leaving together (see the end of the file)
+        raise UsageError(message.replace("argument ", "", 1))
+
+
+def checked(kind, accept, what):
+    """An argparse type: kind(text), refused in one line unless accept(value)."""
+    def parse(text):
+        value = kind(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+POSITIVE_INT, POSITIVE = checked(int, lambda v: v > 0, "positive"), checked(float, lambda v: v > 0, "positive")
+COUNT, NON_NEGATIVE = checked(int, lambda v: v >= 0, "zero or positive"), checked(float, lambda v: v >= 0, "zero or positive")
+
+
+def existing_file(suffixes=None):
+    """An argparse type for a file the run reads: it must exist, hold something, and (suffixes) be of a known kind."""
+    def parse(path):
+        if suffixes and Path(path).suffix not in suffixes:
+            raise argparse.ArgumentTypeError(f"{path}: use one of {', '.join(suffixes)}")
+        if not Path(path).is_file():
+            raise argparse.ArgumentTypeError(f"{path} does not exist")
+        if Path(path).stat().st_size == 0:
+            raise argparse.ArgumentTypeError(f"{path} is empty")
+        return path
+    return parse
+
+
+def model_name(name):
+    shape = builtin_shape(name)
+    if shape is not None and shape not in BUILTIN_SHAPES:
+        raise argparse.ArgumentTypeError(f"unknown built-in model {shape!r}: use one of {', '.join(BUILTIN_SHAPES)}")
+    return name
+
+
 def build_parser():
-    """Every knob, with its help. same_on_resume=True: the flag fixes the model, the data or their order,
-    and a resumed run must repeat its value (find_checkpoint compares them)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Every knob, with its help and its check. The defaults that depend on the machine (the model and the
+    sequence length) are taken here, so that --help shows them. same_on_resume=True: the flag fixes the model,
+    the data or their order, and a resumed run must repeat its value (find_checkpoint compares them)."""
+    gpu = torch.cuda.is_available()
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.same_on_resume = []
 
     def a(*names, same_on_resume=False, **kwargs):
@@ -386,9 +428,8 @@ def build_parser():
         if same_on_resume:
             p.same_on_resume.append(dest)
     # model
-    a("--model_name", same_on_resume=True, default=None,
-      help="hub id, local directory, or builtin:NAME (random weights; NAME in "
-           f"{', '.join(BUILTIN_SHAPES)}). Default: builtin:tiny without a GPU, builtin:pythia-410m with one")
+    a("--model_name", same_on_resume=True, type=model_name, default=BUILTIN_PREFIX + ("pythia-410m" if gpu else "tiny"),
+      help=f"hub id, local directory, or builtin:NAME (random weights; NAME in {', '.join(BUILTIN_SHAPES)})")
     a("--tokenizer_name", same_on_resume=True, default=None, help="tokenizer to use instead of the model's own")
     a("--random_init", action="store_true", help="build a hub/local model from its config with random weights")
     a("--shard_on_load", action=argparse.BooleanOptionalAction, default=None,
@@ -398,58 +439,59 @@ def build_parser():
     a("--trust_remote_code", action="store_true", help="allow model/tokenizer code from the hub")
     a("--partition_config", same_on_resume=True, default=None,
       help="where the layer specs come from: a JSON file (DeepSpeed's partition_config), preset:NAME (DeepSpeed's "
-           f"presets: {', '.join(PRESETS)}), tp_plan (the model's Hugging Face tp_plan) or autotp_parser (DeepSpeed's "
-           "automatic parser); default: the built-in GPT-NeoX specs. README: Which specs for which model")
+           f"presets: {', '.join(PRESETS)}), tp_plan (the model's Hugging Face tp_plan) or autotp_parser "
+           "(DeepSpeed's automatic parser); default: the built-in GPT-NeoX specs. README: Which specs for which model")
     a("--dry_run", action="store_true", help="print how the specs shard every Linear and the memory per rank, "
       "then stop: no GPU, no weights, no data")
     a("--verify_tp", action="store_true", help="before training, compare the sharded model with the unsharded "
       "one on the first training sequence, module by module; stop if they differ")
     # parallelism
-    a("--tp_size", type=int, default=None,
+    a("--tp_size", type=POSITIVE_INT, default=None,
       help="tensor-parallel ranks per model replica (default: world_size / dp_size; when neither is given, the "
            "largest divisor of world_size that the model's heads and MLP width divide into)")
-    a("--dp_size", type=int, default=None, help="DP replicas (default: world_size / tp_size)")
-    a("--world_size", type=int, default=None, help="with --dry_run: the number of ranks to lay out (default: "
-      "--tp_size x --dp_size); every tp x dp of it is listed with its memory per rank")
-    a("--gpu_memory_gib", type=float, default=None, help="memory of one GPU, for the layouts of --dry_run and the "
-      "default micro-batch (default: this machine's GPU)")
+    a("--dp_size", type=POSITIVE_INT, default=None, help="DP replicas (default: world_size / tp_size)")
+    a("--world_size", type=POSITIVE_INT, default=None, help="with --dry_run: the number of ranks to lay out "
+      "(default: --tp_size x --dp_size); every tp x dp of it is listed with its memory per rank")
+    a("--gpu_memory_gib", type=POSITIVE, default=None, help="memory of one GPU, for the layouts of --dry_run and "
+      "the default micro-batch (default: this machine's GPU)")
     a("--zero_stage", type=int, default=2, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
     # DeepSpeed's TP accelerations (tensor_parallel and compile sections of its config)
     a("--vocab_parallel", action=argparse.BooleanOptionalAction, default=None,
       help="split the output head by vocabulary over the TP ranks and compute the loss on the shards "
-           "(vocab_parallel_lm_head): 1/tp of the head's weights, gradients, optimizer state and logits per rank. "
-           "Default: on with tp > 1 (but for --deepcompile, which cannot take it)")
-    a("--tp_overlap_comm", action="store_true", help="overlap the all-reduce of each column-parallel layer's input "
-      "gradient with its weight-gradient matmul in the backward pass")
-    a("--deepcompile", action="store_true", help="DeepCompile with its autotp pass: the TP collectives become graph "
-      "ops and the whole model compiles to one graph, in place of --compile's per-block graphs")
+           "(vocab_parallel_lm_head): 1/tp of the head's weights, gradients, optimizer state and logits per "
+           "rank. Default: on where it applies (tp > 1 dividing the vocabulary, an untied head, no --deepcompile)")
+    a("--tp_overlap_comm", action="store_true", help="overlap the all-reduce of each column-parallel layer's "
+      "input gradient with its weight-gradient matmul in the backward pass")
+    a("--deepcompile", action="store_true", help="DeepCompile with its autotp pass (CPU only): the TP collectives "
+      "become graph ops and the whole model compiles to one graph, in place of --compile's per-block graphs")
     a("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
       help="set by the deepspeed launcher; torchrun sets LOCAL_RANK instead")
     # data
     a("--dataset_name", same_on_resume=True, default=None, help="Hugging Face datasets name, e.g. wikitext")
     a("--dataset_config_name", same_on_resume=True, default=None, help="its configuration: wikitext-103-raw-v1")
-    a("--train_file", same_on_resume=True, default=None,
+    a("--train_file", same_on_resume=True, type=existing_file(TEXT_FILE_BUILDERS), default=None,
       help="txt (one document per paragraph), json/jsonl, csv or parquet")
-    a("--validation_file", same_on_resume=True, default=None,
+    a("--validation_file", same_on_resume=True, type=existing_file(TEXT_FILE_BUILDERS), default=None,
       help="same formats; default: hold out part of the training text")
     a("--text_column", same_on_resume=True, default="text", help="column holding the text")
-    a("--validation_split_percentage", same_on_resume=True, type=float, default=5.0,
+    a("--validation_split_percentage", same_on_resume=True, default=5.0,
+      type=checked(float, lambda v: 0 < v < 100, "between 0 and 100"),
       help="documents held out for evaluation when there is no validation split or file")
-    a("--preprocessing_num_workers", type=int, default=None,
+    a("--preprocessing_num_workers", type=POSITIVE_INT, default=None,
       help="processes for tokenization (default: half the cores, at most 8, for 8,000 documents or more)")
     a("--cache_dir", default=os.path.join(Path.home(), ".cache", "autotp_custom_patterns"),
       help="where the embedded corpus and trained tokenizers are kept")
     # optimisation
-    a("--batch_size", type=int, default=None, help="micro-batch per rank (sequences). Default: 1 on CPU; on a GPU "
-      "the largest power of two whose activations fit beside the model states (estimated, printed at start)")
-    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per step")
-    a("--seq_length", same_on_resume=True, type=int, default=None,
-      help="tokens per training sequence. Default: 512 on CPU, 2048 on GPUs")
-    a("--num_steps", type=int, default=50, help="optimizer steps; 0 evaluates only")
-    a("--learning_rate", type=float, default=1e-4, help="peak learning rate (AdamW)")
-    a("--weight_decay", type=float, default=0.01, help="AdamW weight decay for matrices (not biases, norms)")
-    a("--warmup_steps", type=int, default=None, help="linear warmup steps before cosine decay (default 10%%)")
-    a("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm; 0 disables")
+    a("--batch_size", type=POSITIVE_INT, default=None, help="micro-batch per rank (sequences). Default: 1 on CPU; "
+      "on a GPU the largest power of two whose activations fit beside the model states (estimated, printed)")
+    a("--gradient_accumulation_steps", type=POSITIVE_INT, default=1, help="micro-batches per step")
+    a("--seq_length", same_on_resume=True, type=POSITIVE_INT, default=2048 if gpu else 512,
+      help="tokens per training sequence")
+    a("--num_steps", type=COUNT, default=50, help="optimizer steps; 0 evaluates only")
+    a("--learning_rate", type=POSITIVE, default=1e-4, help="peak learning rate (AdamW)")
+    a("--weight_decay", type=NON_NEGATIVE, default=0.01, help="AdamW weight decay for matrices (not biases, norms)")
+    a("--warmup_steps", type=COUNT, default=None, help="linear warmup steps before cosine decay (default 10%%)")
+    a("--max_grad_norm", type=NON_NEGATIVE, default=1.0, help="clip the global gradient norm; 0 disables")
     a("--precision", same_on_resume=True, default="bf16", choices=list(DTYPES), help="training dtype")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile each transformer block and the loss (after AutoTP has sharded them): faster steps "
@@ -458,20 +500,20 @@ def build_parser():
       help="recompute each layer's activations in the backward pass: less memory, ~30%% more compute")
     a("--seed", same_on_resume=True, type=int, default=42, help="seed of the weights, data order and tokenizer")
     # reporting
-    a("--log_interval", type=int, default=5, help="log every N steps (each log syncs the host)")
-    a("--eval_interval", type=int, default=25, help="evaluate every N steps (and at the end); 0: only at the end")
-    a("--peak_tflops", type=float, default=None, help="accelerator peak TFLOP/s for MFU (default: detected)")
+    a("--log_interval", type=POSITIVE_INT, default=5, help="log every N steps (each log syncs the host)")
+    a("--eval_interval", type=COUNT, default=25, help="evaluate every N steps (and at the end); 0: only at the end")
+    a("--peak_tflops", type=POSITIVE, default=None, help="accelerator peak TFLOP/s for MFU (default: detected)")
     a("--report_to", default=None, choices=list(MONITORS), help="also send the logged metrics to this DeepSpeed "
       "monitor (files under <output_dir>/monitor; other monitor settings through --deepspeed_config)")
-    a("--deepspeed_config", default=None, help="a DeepSpeed config (JSON) merged into the one the script builds: its "
-      "settings win, except those the script sets from its flags (micro-batch, accumulation, clipping, precision, "
-      "ZeRO stage, tensor_parallel, compile), which must agree with them")
+    a("--deepspeed_config", type=existing_file(), default=None, help="a DeepSpeed config (JSON) merged into the "
+      "one the script builds: its settings win, except those the script sets from its flags (micro-batch, "
+      "accumulation, clipping, precision, ZeRO stage, tensor_parallel, compile), which must agree with them")
     a("--output_dir", default="output",
       help="results.json, loss_curve.png, checkpoints/ and the exported Hugging Face model hf/")
     # checkpoints and export
-    a("--save_interval", type=int, default=0,
+    a("--save_interval", type=COUNT, default=0,
       help="write a DeepSpeed checkpoint every N steps and at the last step; 0: only on SIGTERM/SIGINT")
-    a("--keep_last", type=int, default=2, help="checkpoints kept on disk (the newest); 0 keeps all")
+    a("--keep_last", type=COUNT, default=2, help="checkpoints kept on disk (the newest); 0 keeps all")
     a("--resume_from_checkpoint", default=None,
       help="continue from a checkpoint: its directory, a checkpoints/ directory, or 'latest' "
            "(<output_dir>/checkpoints); on another tp x dp or ZeRO stage through a universal checkpoint")
@@ -481,49 +523,19 @@ def build_parser():
     return p
 
 
-def builtin_shape(model_name):
+def builtin_shape(name):
     """NAME of a --model_name builtin:NAME (a Pythia shape with random weights), None for a hub id or directory."""
-    return model_name[len(BUILTIN_PREFIX):] if model_name and model_name.startswith(BUILTIN_PREFIX) else None
+    return name[len(BUILTIN_PREFIX):] if name.startswith(BUILTIN_PREFIX) else None
 
 
 def check_args(args):
-    """Checks that need no model and no process group. Raises UsageError naming the flag to change."""
-    for name in ("gradient_accumulation_steps", "log_interval"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("num_steps", "eval_interval", "weight_decay", "max_grad_norm", "warmup_steps", "save_interval",
-                 "keep_last"):
-        if (getattr(args, name) or 0) < 0:
-            raise UsageError(f"--{name} must be zero or positive, got {getattr(args, name)}")
-    for name in ("tp_size", "dp_size", "world_size", "gpu_memory_gib", "preprocessing_num_workers", "batch_size",
-                 "seq_length"):  # None: default
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.learning_rate <= 0:
-        raise UsageError(f"--learning_rate must be positive, got {args.learning_rate}")
-    if not 0 < args.validation_split_percentage < 100:
-        raise UsageError("--validation_split_percentage must be between 0 and 100")
-    if args.deepspeed_config and not Path(args.deepspeed_config).is_file():
-        raise UsageError(f"--deepspeed_config {args.deepspeed_config} does not exist")
+    """The checks argparse cannot make alone, between flags. Raises UsageError naming the flag to change."""
     if args.world_size and not args.dry_run:
         raise UsageError("--world_size describes the ranks of --dry_run; a launch takes its size from the launcher")
     if args.export_only and not args.resume_from_checkpoint:
         raise UsageError("--export_only exports a checkpoint: give --resume_from_checkpoint too")
     if args.dataset_name and args.train_file:
         raise UsageError("give either --dataset_name or --train_file, not both")
-    for flag in ("train_file", "validation_file"):
-        path = getattr(args, flag)
-        if path is None:
-            continue
-        if Path(path).suffix not in TEXT_FILE_BUILDERS:
-            raise UsageError(f"--{flag} {path}: use one of {', '.join(TEXT_FILE_BUILDERS)}")
-        if not Path(path).is_file():
-            raise UsageError(f"--{flag} {path} does not exist")
-        if Path(path).stat().st_size == 0:
-            raise UsageError(f"--{flag} {path} is empty")
-    name = builtin_shape(args.model_name)
-    if name is not None and name not in BUILTIN_SHAPES:
-        raise UsageError(f"unknown built-in model {name!r}: use builtin: with one of {', '.join(BUILTIN_SHAPES)}")
 
 
 def check_tp_features(args, layout):
@@ -544,12 +556,24 @@ def check_tp_features(args, layout):
                          + (": add --no-vocab_parallel" if other == "--vocab_parallel" else ""))
 
 
+def choose_layout(args, config):
+    """This rank's place in tp x dp: the sizes given, or, given neither, tp as large as the world and the model's
+    heads and MLP width allow. A plain `python ... --dry_run` lays out --world_size (or tp x dp) ranks."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.dry_run and "WORLD_SIZE" not in os.environ:
+        world = args.world_size or (args.tp_size or 1) * (args.dp_size or 1)
+    tp = args.tp_size or (None if args.dp_size else max(fitting_tps(config, world)))
+    layout = resolve_layout(int(os.environ.get("RANK", 0)), world, tp, args.dp_size)
+    if args.tp_size is None and args.dp_size is None and tp < world:
+        log(layout, f"tp {tp} x dp {world // tp}: the model's heads and MLP width do not divide into {world} TP ranks")
+    return layout
+
+
 def derive_args(args, layout, config=None, shapes_only=None):
-    """The values that follow from the flags, the machine and the layout, computed once and kept in args (and
-    so in results.json): the device defaults, tp and dp, the TP accelerations, the default warmup and
-    micro-batch (sized to the GPU's memory given the model's config), and the batch arithmetic. A default
+    """The values that follow from the flags, the machine, the layout and the model, computed once and kept in
+    args (and so in results.json): tp and dp, the TP accelerations and --compile, the default warmup and
+    micro-batch (sized to the GPU's memory), the batch arithmetic and the user's DeepSpeed settings. A default
     that does not apply to this model or layout is turned off with one line saying why, never refused."""
-    device_defaults(args)
     args.tp_size, args.dp_size = layout.tp, layout.dp
     check_tp_features(args, layout)
     if args.vocab_parallel is None:  # on by default where it applies
@@ -557,11 +581,14 @@ def derive_args(args, layout, config=None, shapes_only=None):
         args.vocab_parallel = why_not is None
         if why_not and layout.tp > 1:
             log(layout, f"the output head stays whole on every TP rank (--vocab_parallel is off): {why_not}")
+    if shapes_only is not None:
+        args.compile = decide_compile(args, shapes_only)
     args.warmup_steps = args.num_steps // 10 if args.warmup_steps is None else args.warmup_steps
     args.micro_batch_sized = args.batch_size is None and config is not None and torch.cuda.is_available()
     if args.batch_size is None:
         args.batch_size = default_micro_batch(args, config, layout) if args.micro_batch_sized else 1
     set_global_batch(args, layout)
+    args.user_deepspeed_config = user_ds_config(args)  # kept in results.json and each checkpoint's run.json
 
 
 def set_global_batch(args, layout):
@@ -742,9 +769,15 @@ class SpecSource:
     every_spec_matches: bool = True  # not for a converted tp_plan: it lists names with and without the model's
     #                                  prefix, and norms, which the plan of Linears does not cover
 
-    def plan(self, model, tp, vocab_parallel=False):
-        """plan_partition of these specs on the shapes-only model; None where DeepSpeed's parser decides."""
-        return self.tp_config and plan_partition(model, self.tp_config, tp, vocab_parallel, self.every_spec_matches)
+    def plan(self, model, tp, vocab_parallel=False, sharded=None):
+        """plan_partition of these specs on the shapes-only model; where DeepSpeed's parser decides, the plan is
+        read off the `sharded` model (the layer type that replaced each module), or None before there is one."""
+        if self.tp_config:
+            return plan_partition(model, self.tp_config, tp, vocab_parallel, self.every_spec_matches)
+        if sharded is None:
+            return None
+        layers = {name: type(m).__name__ for name, m in sharded.named_modules() if isinstance(m, TensorParallel_Layer)}
+        return walk_plan(model, tp, lambda name, _: layers.get(name) and parser_spec(layers[name]))
 
 
 PRESETS = [name for name in vars(AutoTPPresets) if not name.startswith("_") and AutoTPPresets.get_preset(name)]
@@ -826,21 +859,10 @@ def warn_about_source(source, config, layout, args):
     log(layout, message)
 
 
-def observed_plan(model, shapes_only):
-    """The plan of DeepSpeed's automatic parser, read off the sharded model: which layer type replaced each
-    module with a 2-D weight (column- or row-parallel), global shapes from the shapes-only model."""
-    plan, globals_, specs = {}, dict(shapes_only.named_parameters()), {}
-    for module_name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and module_name + ".weight" in globals_:
-            layer = type(module).__name__
-            if isinstance(module, TensorParallel_Layer) and layer not in specs:  # one spec per layer type
-                specs[layer] = TPLayerSpec(patterns=[f"({layer})"],
-                                           partition_type="row" if "Allreduce" in layer else "column")
-            spec = specs.get(layer)
-            for name, param in module.named_parameters(recurse=False):
-                plan[f"{module_name}.{name}"] = (spec, tuple(globals_[f"{module_name}.{name}"].shape), tuple(param.shape))
-    return plan
+@functools.cache
+def parser_spec(layer):
+    """The spec of a layer type DeepSpeed's parser swapped in (row-parallel: the all-reduce after it)."""
+    return TPLayerSpec(patterns=[f"({layer})"], partition_type="row" if "Allreduce" in layer else "column")
 
 
 PARTITION_CONFIG_KEYS = {f.name for f in dataclasses.fields(AutoTPConfig)}  # DeepSpeed's partition_config keys
@@ -924,29 +946,36 @@ def expected_local_shape(global_shape, spec, tp):
 VOCAB_PARALLEL_HEAD = TPLayerSpec(patterns=["(the output head, --vocab_parallel)"], partition_type=PartitionType.COLUMN)
 
 
-def plan_partition(model, tp_config, tp, vocab_parallel=False, every_spec_matches=True):
-    """Map every parameter of the modules AutoTP routes through the specs (those with a 2-D weight:
-    Linears, embeddings) to (its spec or None, global shape, expected local shape), matching names the
-    way deepspeed.initialize will (AutoTPConfig.find_matching_spec). Fails on a spec that matches
-    nothing (unless every_spec_matches is False: SpecSource says when), on a transformer-block Linear that
-    no spec covers, and, with strict_mode, on any Linear left unmatched (DeepSpeed would fail there, after
-    loading the weights)."""
+def walk_plan(model, tp, spec_for):
+    """Map every parameter of the modules AutoTP routes through the specs (those with a 2-D weight: Linears,
+    embeddings) to (spec_for(name, module) or None, global shape, expected per-rank shape)."""
     plan = {}
     for module_name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            continue
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            spec = spec_for(module_name, module)
+            for kind, param in module.named_parameters(recurse=False):
+                plan[f"{module_name}.{kind}"] = (spec, tuple(param.shape), expected_local_shape(param.shape, spec, tp))
+    return plan
+
+
+def plan_partition(model, tp_config, tp, vocab_parallel=False, every_spec_matches=True):
+    """The plan of these specs, matched the way deepspeed.initialize will (AutoTPConfig.find_matching_spec). Fails
+    on a spec that matches nothing (unless every_spec_matches is False: SpecSource says when), on a
+    transformer-block Linear that no spec covers, and, with strict_mode, on any Linear left unmatched (DeepSpeed
+    would fail there, after loading the weights)."""
+    def spec_for(module_name, module):
         spec = tp_config.find_matching_spec(module_name + ".weight", model.config.model_type)
-        head = isinstance(module, torch.nn.Linear) and module_name.split(".")[-1] in tp_config.lm_head_patterns
-        if vocab_parallel and head:
+        if vocab_parallel and isinstance(module, torch.nn.Linear) and module_name.split(".")[-1] in tp_config.lm_head_patterns:
             spec = VOCAB_PARALLEL_HEAD
         if spec is None and tp_config.strict_mode and not isinstance(module, torch.nn.Embedding):
             raise UsageError(f"partition_config strict_mode: no layer spec matches {module_name}.weight; add one "
                              "(partition_type skip keeps it whole) or drop strict_mode")
         if spec is not None and spec.partition_type != PartitionType.SKIP:
-            check_spec_shape(module_name + ".weight", weight.shape, spec, tp)
-        for kind, param in module.named_parameters(recurse=False):
-            plan[f"{module_name}.{kind}"] = (spec, tuple(param.shape), expected_local_shape(param.shape, spec, tp))
+            check_spec_shape(module_name + ".weight", module.weight.shape, spec, tp)
+        return spec
+
+    plan = walk_plan(model, tp, spec_for)
     if vocab_parallel and not any(spec is VOCAB_PARALLEL_HEAD for spec, _, _ in plan.values()):
         raise UsageError(f"--vocab_parallel: this model has no Linear named {' or '.join(tp_config.lm_head_patterns)} "
                          "(the output heads DeepSpeed can split by vocabulary): use --no-vocab_parallel")
@@ -972,22 +1001,29 @@ def check_partition(model, plan):
                                f"(global {global_shape}); check the layer specs and the DeepSpeed version")
 
 
-def partition_summary(plan, source, tp):
-    """Which spec matched which weights, with global and per-rank shapes; source: a SpecSource."""
-    rows = [f"AutoTP partition (tp={tp}) from {source.name}, global -> per-rank shapes:"]
-    specs = source.tp_config.layer_specs if source.tp_config else []
-    for spec, _, _ in plan.values():  # DeepSpeed's parser: the layer types it chose, in order
-        if source.tp_config is None and spec is not None and not any(spec is s for s in specs):
-            specs.append(spec)
-    for spec in specs + [VOCAB_PARALLEL_HEAD, None]:
-        names = [n for n, (planned, _, _) in plan.items() if planned is spec]
-        if not names:
+def plan_table(plan, source, tp, every_weight=False):
+    """The plan as rows, one per weight (its spec numbered as in the source, type, global and per-rank shape), and
+    as text: one line per spec with a count and an example (the training log), or every row (--dry_run)."""
+    specs, rows = source.tp_config.layer_specs if source.tp_config else [], []
+    for name, (spec, global_shape, local_shape) in plan.items():
+        if not name.endswith(".weight"):
             continue
-        _, global_shape, local_shape = plan[names[0]]
-        label = f"{spec.partition_type.value:6s} {spec.patterns[0]}" if spec else "replicated (no spec)"
-        rows.append(f"  {label:55s} {len(names):4d} tensor{'s' * (len(names) > 1)}, e.g. {names[0]} {global_shape} -> "
-                    f"{local_shape}")
-    return "\n".join(rows)
+        number = next((f"{i}: " for i, s in enumerate(specs) if s is spec), "")  # none: the head, or the parser's
+        label = "-" if spec is None else number + spec.patterns[0]
+        rows.append({"weight": name, "type": spec.partition_type.value if spec else "replicated",
+                     "spec": label + (f" shape={json.dumps(spec.shape)}" if spec and spec.shape else ""),
+                     "global": global_shape, "per_rank": local_shape})
+    lines = [f"AutoTP partition (tp={tp}) from {source.name}, global -> per-rank shapes:"]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["type"], r["spec"]), []).append(r)
+    for (kind, spec), group in groups.items():
+        if every_weight:
+            lines += [f"  {r['weight']:56s} {kind:10s} {spec:46s} {r['global']} -> {r['per_rank']}" for r in group]
+        else:
+            lines.append(f"  {kind:10s} {spec:46s} {len(group):3d} weight{'s' * (len(group) > 1)}, e.g. "
+                         f"{group[0]['weight']} {group[0]['global']} -> {group[0]['per_rank']}")
+    return rows, "\n".join(lines)
 
 
 def tp_misfit(config, tp):
@@ -1015,35 +1051,24 @@ def check_model_fits_tp(config, tp, seq_length, vocab_parallel=False):
 
 # ---- --dry_run: the plan and the memory per rank, no GPU, no weights -----------------------------
 
-def dry_run(model, plan, specs, layout, args):
+def dry_run(model, plan, source, layout, args):
     """--dry_run: every Linear weight, the spec that matched it, global and per-rank shapes, and an
     estimate of the memory per rank. Needs the config only (the model is on the meta device)."""
     total = sum(p.numel() for p in model.parameters())
-    rows, local = [], 0
-    for name, param in model.named_parameters():
-        spec, global_shape, local_shape = plan.get(name, (None, tuple(param.shape), tuple(param.shape)))
-        local += math.prod(local_shape)
-        if name in plan and name.endswith(".weight"):
-            index = next((f"{i}: " for i, s in enumerate(specs) if s is spec), "")
-            kind, label = ("replicated", "-") if spec is None else (spec.partition_type.value, index + spec.patterns[0])
-            if spec is not None and spec.shape:
-                label += f" shape={json.dumps(spec.shape)}"
-            rows.append({"weight": name, "spec": label, "type": kind, "global": global_shape, "per_rank": local_shape})
+    local = sum(math.prod(plan[n][2]) if n in plan else p.numel() for n, p in model.named_parameters())
+    rows, table = plan_table(plan, source, layout.tp, every_weight=True)
     memory = memory_per_rank_gib(local, layout, args)
     lines = [f"dry run: {args.model_name} ({total / 1e6:,.1f}M parameters), tp={layout.tp}, dp={layout.dp}, "
-             f"ZeRO-{args.zero_stage}, {args.precision}",
-             f"{'weight':58s} {'spec':52s} {'type':10s} {'global':>14s} {'per rank':>14s}"]
-    lines += [f"{r['weight']:58s} {r['spec']:52s} {r['type']:10s} {str(r['global']):>14s} {str(r['per_rank']):>14s}"
-              for r in rows]
-    lines.append("memory per rank (estimate, GiB; activations and communication buckets not included): "
-                 + ", ".join(f"{k} {v:.2f}" for k, v in memory.items()))
+             f"ZeRO-{args.zero_stage}, {args.precision}", table,
+             "memory per rank (estimate, GiB; activations and communication buckets not included): "
+             + ", ".join(f"{k} {v:.2f}" for k, v in memory.items())]
     head = [r for r in rows if plan[r["weight"]][0] is VOCAB_PARALLEL_HEAD]
     if head:  # what the whole head would cost on top, per rank
         rest = sum(math.prod(r["global"]) - math.prod(r["per_rank"]) for r in head)
         whole = memory_per_rank_gib(local + rest, layout, args)
         lines.append(f"the vocab-parallel head ({head[0]['global']} -> {head[0]['per_rank']} per rank) saves "
-                     f"{whole['total'] - memory['total']:.2f} GiB per rank of weights, gradients and optimizer state, "
-                     f"and its logits take 1/{layout.tp} of the memory")
+                     f"{whole['total'] - memory['total']:.2f} GiB per rank of weights, gradients and optimizer "
+                     f"state, and its logits take 1/{layout.tp} of the memory")
     warnings = [f"warning: {r['weight']} {r['global']} ({math.prod(r['global']) / 1e6:.1f}M parameters, "
                 f"{100 * math.prod(r['global']) / total:.0f}% of the model) stays whole on every TP rank"
                 for r in rows if r["type"] == "replicated" and math.prod(r["global"]) > 0.02 * total]
@@ -1255,14 +1280,6 @@ def check_data_size(blocks, args):
 
 
 # ---- Model: config, weights, and torch.compile of the sharded blocks -----------------------------
-
-def device_defaults(args):
-    """What is left unset depends on the machine: a laptop's CPU gets the tiny model on short sequences, GPUs
-    a Pythia-410M shape on 2048-token sequences (the micro-batch is sized later, to the GPU's memory)."""
-    gpu = torch.cuda.is_available()
-    args.model_name = args.model_name or BUILTIN_PREFIX + ("pythia-410m" if gpu else "tiny")
-    args.seq_length = args.seq_length or (2048 if gpu else 512)
-
 
 GPU_MEMORY_USABLE = 0.85  # of a GPU's memory the estimate may fill: the allocator and NCCL need the rest
 
@@ -1576,12 +1593,6 @@ def build_sharded_model(args, config, shapes_only, layout, ds_config, device, cl
                  f"{clock.figures['loading_peak_gpu_memory_gib']:.1f} GiB while loading")
     clock.lap("sharding and loading", held)
     return engine, reference
-
-
-def non_embedding_params(model):
-    """Parameters outside the input embedding and the output head (the N of the MFU formula)."""
-    embeddings = {model.get_input_embeddings().weight, model.get_output_embeddings().weight}
-    return sum(p.numel() for p in model.parameters() if p not in embeddings)
 
 
 def repeated_blocks(model):
@@ -2162,35 +2173,24 @@ def plot_losses(history, evals, path):
 def main(argv=None):
     host_memory = HostMemory()
     args = parse_args(argv)
-    device_defaults(args)
     check_args(args)
     config = load_config(args)
     shapes_only = meta_model(config, args.trust_remote_code)  # the specs are checked on it before any weight loads
     # 1. The layer specs: the built-in GPT-NeoX ones, a spec file, a DeepSpeed preset or the model's tp_plan.
     source = spec_source(args, config, shapes_only)
     # 2. The rank layout: tp x dp processes, and the values derived from it.
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.dry_run and "WORLD_SIZE" not in os.environ:  # a plain `python` call describing tp x dp ranks
-        world = args.world_size or (args.tp_size or 1) * (args.dp_size or 1)
-    tp = args.tp_size
-    if tp is None and args.dp_size is None:  # all of the world, as far as the model divides
-        tp = max(fitting_tps(config, world))
-    layout = resolve_layout(int(os.environ.get("RANK", 0)), world, tp, args.dp_size)
-    if args.tp_size is None and args.dp_size is None and tp < world:
-        log(layout, f"tp {tp} x dp {world // tp}: the model's heads and MLP width do not divide into {world} TP ranks")
+    layout = choose_layout(args, config)
     derive_args(args, layout, config, shapes_only)
     check_model_fits_tp(config, layout.tp, args.seq_length, args.vocab_parallel)
     plan = source.plan(shapes_only, layout.tp, args.vocab_parallel)
-    args.compile = decide_compile(args, shapes_only)
     warn_about_source(source, config, layout, args)
     if args.dry_run:  # (optional) the plan and the memory per rank, then stop
         if plan is None:
-            raise UsageError(f"--dry_run needs the specs before deepspeed.initialize, and {source.name} decides only "
-                             "inside it: use --verify_tp on a short run instead")
-        return dry_run(shapes_only, plan, source.tp_config.layer_specs, layout, args) | print_layouts(args, config, layout)
+            raise UsageError(f"--dry_run needs the specs before deepspeed.initialize, and {source.name} decides "
+                             "only inside it: use --verify_tp on a short run instead")
+        return dry_run(shapes_only, plan, source, layout, args) | print_layouts(args, config, layout)
     advise_smaller_tp(args, config, layout)
     check_output_dir(args.output_dir)
-    args.user_deepspeed_config = user_ds_config(args)  # kept in results.json and each checkpoint's run.json
     resume_path, resumed = find_checkpoint(args) if args.resume_from_checkpoint else (None, None)
     universal = resumed is not None and topology(resumed["args"]) != topology(vars(args))
     # 3. The DeepSpeed config, yours merged in, checked by DeepSpeed's own reading before any heavy work.
@@ -2209,8 +2209,8 @@ def main(argv=None):
     device = init_distributed(args.local_rank)
     clock.lap("process group", f"{layout.world_size} ranks on {device.type}")
     if universal:  # (optional) resume at another topology: convert the checkpoint once
-        log(layout, "{} was written at tp {} x dp {} (ZeRO-{}), resuming at tp {} x dp {} (ZeRO-{}) through a universal "
-                    "checkpoint".format(resume_path, *topology(resumed["args"]), *topology(vars(args))))
+        log(layout, "{} was written at tp {} x dp {} (ZeRO-{}), resuming at tp {} x dp {} (ZeRO-{}) through a "
+                    "universal checkpoint".format(resume_path, *topology(resumed["args"]), *topology(vars(args))))
         resume_path = leader_first(lambda: universal_checkpoint(resume_path, layout), layout.rank == 0)
     if resumed is not None and resumed["samples_consumed"] != resumed["step"] * args.global_batch_size:
         log(layout, f"the global batch is now {args.global_batch_size} sequences: the data goes on after the "
@@ -2218,23 +2218,21 @@ def main(argv=None):
     tokenizer, blocks = leader_first(lambda: prepare_data(args), args.local_rank == 0)
     if len(tokenizer) > config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens, the model only {config.vocab_size} embeddings")
-    if fit_micro_batch_to_data(args, layout, len(blocks["train"])):
+    if fit_micro_batch_to_data(args, layout, len(blocks["train"])):  # the one setting the data decides
         ds_config = run_ds_config(args, source, not evaluate_only, universal)
     check_data_size(blocks, args)
     clock.lap("data", f"{len(blocks['train']):,} training blocks of {args.seq_length} tokens")
-    n_params, n_non_embedding = sum(p.numel() for p in shapes_only.parameters()), non_embedding_params(shapes_only)
-    flops_per_token = 6 * n_non_embedding + 12 * config.num_hidden_layers * config.hidden_size * args.seq_length
-    model_stats = {"parameters": n_params, "non_embedding_parameters": n_non_embedding, "flops_per_token": flops_per_token}
-    log(layout, describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device))
-    log(layout, partition_summary(plan, source, layout.tp) if plan else f"AutoTP partition: {source.name}, read off "
+    model_stats = model_statistics(shapes_only, args.seq_length)
+    log(layout, describe_run(args, layout, config, model_stats, ds_config, device))
+    log(layout, plan_table(plan, source, layout.tp)[1] if plan else f"AutoTP partition: {source.name}, read off "
                 "the model once sharded")
     # 4. deepspeed.initialize: AutoTP shards the empty model, ZeRO wraps the optimizer, each rank loads its shards.
     probe = blocks["train"][0]["input_ids"][None, :VERIFY_TOKENS]  # the first training sequence
     engine, reference = build_sharded_model(args, config, shapes_only, layout, ds_config, device, clock, source.name,
                                             training=not evaluate_only, probe=probe if args.verify_tp else None)
     if plan is None:
-        plan = observed_plan(engine.module, shapes_only)
-        log(layout, partition_summary(plan, source, layout.tp))
+        plan = source.plan(shapes_only, layout.tp, args.vocab_parallel, sharded=engine.module)
+        log(layout, plan_table(plan, source, layout.tp)[1])
     check_partition(engine.module, plan)
     verified = None
     if args.verify_tp:  # (optional) sharded against unsharded, module by module
@@ -2250,7 +2248,7 @@ def main(argv=None):
     # 5 and 6. The loop: micro-batches from the DP-aware sampler, one train_step per optimizer step.
     history, evals, stopped_by = [], [], None
     if not args.export_only:
-        meter = Meter.for_run(args, layout, device, flops_per_token)
+        meter = Meter.for_run(args, layout, device, model_stats["flops_per_token"])
         history, evals, stopped_by = train(engine, blocks, layout, args, device, meter, resumed, clock)
     export_dir = None
     if args.export_only or (args.num_steps > 0 and not stopped_by and not args.skip_export):  # (optional)
@@ -2267,8 +2265,19 @@ def main(argv=None):
     return results
 
 
-def describe_run(args, layout, config, n_params, n_non_embedding, ds_config, device):
+def model_statistics(model, seq_length):
+    """Parameters, those outside the input embedding and output head (N), and the FLOPs per token of a training
+    step, 6 N + 12 L H S (L layers, H hidden, S sequence: the attention scores)."""
+    embeddings = {model.get_input_embeddings().weight, model.get_output_embeddings().weight}
+    n_non_embedding = sum(p.numel() for p in model.parameters() if p not in embeddings)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "non_embedding_parameters": n_non_embedding,
+            "flops_per_token": 6 * n_non_embedding + 12 * model.config.num_hidden_layers * model.config.hidden_size
+            * seq_length}
+
+
+def describe_run(args, layout, config, model_stats, ds_config, device):
     sized = " (sized to the GPU memory; --batch_size to set)" if args.micro_batch_sized else ""
+    n_params, n_non_embedding = model_stats["parameters"], model_stats["non_embedding_parameters"]
     return "\n".join([
         "versions: " + ", ".join(f"{name} {version}" for name, version in library_versions().items()),
         f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU, gloo'})",

@@ -46,7 +46,7 @@ def parse_args(argv=None):
 
 def flops_per_token(model, config, seq_length):
     import autotp_custom_patterns as S
-    return 6 * S.non_embedding_params(model) + 12 * config.num_hidden_layers * config.hidden_size * seq_length
+    return S.model_statistics(model, seq_length)["flops_per_token"]
 
 
 def baseline(args):

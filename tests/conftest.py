@@ -80,9 +80,7 @@ def check_parity(results):
 
 
 def args_for(*argv):
-    args = S.parse_args(list(argv))
-    args.model_name = args.model_name or "builtin:tiny"
-    return args
+    return S.parse_args(list(argv))
 
 
 def neox(heads, hidden):

@@ -100,7 +100,7 @@ def cell(arch, source, layout, device, workdir):
     reference = S.unsharded_outputs(model, probe) if layout.rank == 0 else None
     try:
         engine = S.build_engine(model, args, layout, S.build_ds_config(args, specs.tensor_parallel))
-        plan = plan or S.observed_plan(engine.module, shapes_only)
+        plan = plan or specs.plan(shapes_only, layout.tp, sharded=engine.module)
         S.check_partition(engine.module, plan)
         report = S.verify_tp(engine, probe.to(device), reference, plan, layout, args)
         for _ in range(3):  # then three optimizer steps on it: the weights held whole must stay in step

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import autotp_custom_patterns as S
-from conftest import args_for
+from conftest import ROOT, args_for
 
 
 # ---- topology -----------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def test_a_spec_without_partition_type_is_column_as_in_deepspeed():
     tp_config = S.autotp_config({"layer_specs": specs})
     plan = S.plan_partition(meta_model(), tp_config, 2)
     assert plan["gpt_neox.layers.0.attention.query_key_value.weight"][2] == (96, 64)
-    assert "column .*\\.attention\\.query_key_value" in S.partition_summary(plan, S.SpecSource("a file", {}, tp_config), 2)
+    assert "column     0: .*\\.attention\\.query_key_value" in S.plan_table(plan, S.SpecSource("a file", {}, tp_config), 2)[1]
 
 
 def test_a_block_linear_left_unsharded_is_an_error():
@@ -218,21 +218,21 @@ def test_packing_joins_documents_with_eos_into_full_blocks(small_tokenizer):
 # ---- arguments and config -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,message", [
-    (["--batch_size", "0"], "--batch_size must be positive"),
-    (["--seq_length", "-5"], "--seq_length must be positive"),
-    (["--num_steps", "-1"], "--num_steps must be zero or positive"),
-    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be positive"),
-    (["--tp_size", "0"], "--tp_size must be positive"),
-    (["--dp_size", "-2"], "--dp_size must be positive"),
-    (["--learning_rate", "0"], "--learning_rate must be positive"),
+    (["--batch_size", "0"], "--batch_size: must be positive"),
+    (["--seq_length", "-5"], "--seq_length: must be positive"),
+    (["--num_steps", "-1"], "--num_steps: must be zero or positive"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps: must be positive"),
+    (["--tp_size", "0"], "--tp_size: must be positive"),
+    (["--dp_size", "-2"], "--dp_size: must be positive"),
+    (["--learning_rate", "0"], "--learning_rate: must be positive"),
     (["--model_name", "builtin:pythia-7b"], "unknown built-in model 'pythia-7b'"),
-    (["--train_file", "/nonexistent/train.txt"], "--train_file /nonexistent/train.txt does not exist"),
+    (["--train_file", "/nonexistent/train.txt"], "--train_file: /nonexistent/train.txt does not exist"),
     (["--train_file", "notes.docx"], "use one of .txt"),
-    (["--dataset_name", "wikitext", "--train_file", "a.txt"], "either --dataset_name or --train_file"),
+    (["--dataset_name", "wikitext", "--train_file", str(ROOT / "requirements.txt")], "either --dataset_name or --train_file"),
     (["--export_only"], "give --resume_from_checkpoint too"),
-    (["--save_interval", "-5"], "--save_interval must be zero or positive"),
+    (["--save_interval", "-5"], "--save_interval: must be zero or positive"),
     (["--world_size", "8"], "--world_size describes the ranks of --dry_run"),
-    (["--dry_run", "--gpu_memory_gib", "0"], "--gpu_memory_gib must be positive"),
+    (["--dry_run", "--gpu_memory_gib", "0"], "--gpu_memory_gib: must be positive"),
 ])
 def test_bad_arguments_name_what_to_change(argv, message):
     with pytest.raises(S.UsageError, match=message):
@@ -242,9 +242,9 @@ def test_bad_arguments_name_what_to_change(argv, message):
 def test_empty_files_are_rejected(tmp_path):
     (tmp_path / "train.txt").write_text("")
     (tmp_path / "val.jsonl").write_text("")
-    with pytest.raises(S.UsageError, match="--train_file .*train.txt is empty"):
+    with pytest.raises(S.UsageError, match="--train_file: .*train.txt is empty"):
         S.check_args(args_for("--train_file", str(tmp_path / "train.txt")))
-    with pytest.raises(S.UsageError, match="--validation_file .*val.jsonl is empty"):
+    with pytest.raises(S.UsageError, match="--validation_file: .*val.jsonl is empty"):
         S.check_args(args_for("--validation_file", str(tmp_path / "val.jsonl")))
 
 
