@@ -539,8 +539,8 @@ def check_args(args):
 
 
 def check_tp_features(args, layout):
-    """The TP accelerations need tp > 1, and DeepSpeed cannot combine DeepCompile's autotp pass with the other
-    two; that pass is for CPU runs only (on GPUs the weights the TP ranks hold whole drift apart under it).
+    """The TP accelerations need tp > 1, and DeepSpeed cannot combine DeepCompile's autotp pass with the others
+    (the vocabulary-parallel head: vocab_parallel_refusal); that pass is for CPU runs only (on GPUs the weights the TP ranks hold whole drift apart under it).
     Refused here, before any weight loads."""
     wanted = [f"--{name}" for name in ("vocab_parallel", "tp_overlap_comm", "deepcompile") if getattr(args, name)]
     if wanted and layout.tp == 1:
@@ -549,11 +549,10 @@ def check_tp_features(args, layout):
         raise UsageError("--deepcompile is refused on GPUs: measured on 2 H200s (fp32, tp 2) its autotp pass trains with "
                          "the unsharded model's losses and gradient norms, but the weights the TP ranks hold whole stop "
                          "being identical across them, and a bf16 run stopped when they drifted apart; use --compile")
-    if args.deepcompile and (args.vocab_parallel or args.tp_overlap_comm or args.compile):
-        other = "--tp_overlap_comm" if args.tp_overlap_comm else "--compile" if args.compile else "--vocab_parallel"
-        raise UsageError(f"--deepcompile cannot be combined with {other} (DeepSpeed's autotp pass "
-                         + ("compiles the whole model itself)" if other == "--compile" else "does not support it)")
-                         + (": add --no-vocab_parallel" if other == "--vocab_parallel" else ""))
+    if args.deepcompile and (args.tp_overlap_comm or args.compile):
+        raise UsageError(f"--deepcompile cannot be combined with --{'compile' if args.compile else 'tp_overlap_comm'}: "
+                         "DeepSpeed's autotp pass " + ("compiles the whole model itself" if args.compile
+                                                       else "does not support it"))
 
 
 def choose_layout(args, config):
@@ -576,8 +575,10 @@ def derive_args(args, layout, config=None, shapes_only=None):
     that does not apply to this model or layout is turned off with one line saying why, never refused."""
     args.tp_size, args.dp_size = layout.tp, layout.dp
     check_tp_features(args, layout)
+    why_not = vocab_parallel_refusal(config, shapes_only, layout.tp, args.deepcompile)
+    if args.vocab_parallel and why_not:
+        raise UsageError(f"--vocab_parallel cannot apply: {why_not}; use --no-vocab_parallel")
     if args.vocab_parallel is None:  # on by default where it applies
-        why_not = vocab_parallel_refusal(config, shapes_only, layout.tp, args.deepcompile)
         args.vocab_parallel = why_not is None
         if why_not and layout.tp > 1:
             log(layout, f"the output head stays whole on every TP rank (--vocab_parallel is off): {why_not}")
@@ -1037,13 +1038,10 @@ def tp_misfit(config, tp):
     return None
 
 
-def check_model_fits_tp(config, tp, seq_length, vocab_parallel=False):
+def check_model_fits_tp(config, tp, seq_length):
     misfit = tp_misfit(config, tp)
     if misfit:
         raise UsageError(f"--tp_size {tp} must divide {misfit}")
-    if vocab_parallel and config.vocab_size % tp:
-        raise UsageError(f"--vocab_parallel splits the {config.vocab_size}-token vocabulary: --tp_size {tp} must divide "
-                         "it, or use --no-vocab_parallel")
     if seq_length > getattr(config, "max_position_embeddings", seq_length):
         raise UsageError(f"--seq_length {seq_length} exceeds the model's maximum of "
                          f"{config.max_position_embeddings} positions")
@@ -2181,7 +2179,7 @@ def main(argv=None):
     # 2. The rank layout: tp x dp processes, and the values derived from it.
     layout = choose_layout(args, config)
     derive_args(args, layout, config, shapes_only)
-    check_model_fits_tp(config, layout.tp, args.seq_length, args.vocab_parallel)
+    check_model_fits_tp(config, layout.tp, args.seq_length)
     plan = source.plan(shapes_only, layout.tp, args.vocab_parallel)
     warn_about_source(source, config, layout, args)
     if args.dry_run:  # (optional) the plan and the memory per rank, then stop

@@ -37,7 +37,7 @@ def test_a_default_that_does_not_apply_is_turned_off_not_refused(tmp_path, cache
     assert (results["layout"]["tp"], results["layout"]["dp"]) == layout and results["args"]["vocab_parallel"] is False
     if nproc == 3:  # asked for explicitly, it is still refused
         proc, _ = run_script(3, tmp_path / "asked", cache, "--model_name", path, *SHORT, *argv, "--vocab_parallel")
-        assert "--vocab_parallel splits the 1024-token vocabulary: --tp_size 3 must divide it" in error_line(proc)
+        assert "--vocab_parallel cannot apply: tp 3 does not divide the 1024-token vocabulary; use --no-vocab_parallel" in error_line(proc)
 
 
 def test_the_vocab_parallel_default_needs_an_untied_head_and_no_deepcompile():

@@ -45,14 +45,14 @@ def test_layout_rejects_sizes_that_do_not_fill_the_world(world, tp, dp):
 
 def test_model_checks_name_the_flag():
     config = S.load_config(args_for("--model_name", "builtin:tiny"))  # 4 heads, MLP 256, 2048 positions
-    S.check_model_fits_tp(config, 4, 2048, False)
+    S.check_model_fits_tp(config, 4, 2048)
     with pytest.raises(S.UsageError, match="--tp_size 3 must divide the 4 attention heads"):
-        S.check_model_fits_tp(config, 3, 128, False)
+        S.check_model_fits_tp(config, 3, 128)
     config.intermediate_size = 250
     with pytest.raises(S.UsageError, match="--tp_size 4 must divide the MLP width 250"):
-        S.check_model_fits_tp(config, 4, 128, False)
+        S.check_model_fits_tp(config, 4, 128)
     with pytest.raises(S.UsageError, match="--seq_length 4096 exceeds the model's maximum of 2048"):
-        S.check_model_fits_tp(S.load_config(args_for("--model_name", "builtin:tiny")), 1, 4096, False)
+        S.check_model_fits_tp(S.load_config(args_for("--model_name", "builtin:tiny")), 1, 4096)
 
 
 # ---- partition specs ----------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def test_ds_config_turns_on_autotp_from_the_config_alone():
 @pytest.mark.parametrize("argv,tp,message", [
     (["--vocab_parallel"], 1, "--vocab_parallel act on tensor-parallel layers: use them with --tp_size > 1"),
     (["--tp_overlap_comm", "--deepcompile"], 1, "--tp_overlap_comm and --deepcompile act on tensor-parallel"),
-    (["--deepcompile", "--vocab_parallel"], 2, "--deepcompile cannot be combined with --vocab_parallel .*: add --no-"),
+    (["--deepcompile", "--vocab_parallel"], 2, "--vocab_parallel cannot apply: DeepCompile's autotp pass cannot take it; use --no-"),
     (["--deepcompile", "--no-vocab_parallel", "--tp_overlap_comm"], 2, "--deepcompile cannot be combined with --tp_overlap_comm"),
     (["--deepcompile", "--no-vocab_parallel", "--compile"], 2, "--deepcompile cannot be combined with --compile"),
 ])
