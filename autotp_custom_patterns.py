@@ -74,8 +74,8 @@ import torch
 import torch.distributed as dist
 import transformers
 from deepspeed.accelerator import get_accelerator
-# DeepSpeed's restore of a universal checkpoint: one TP rank's slice of a whole parameter, read off the record the
-# AutoTP layer keeps on it. The per-rank loading below uses it so that no split rule is written twice.
+# DeepSpeed's restore of a universal checkpoint: one TP rank's slice of a whole parameter, read off the record
+# the AutoTP layer keeps on it. The per-rank loading below uses it so that no split rule is written twice.
 from deepspeed.checkpoint.universal_checkpoint import _resolve_autotp_partition
 from deepspeed.module_inject.autotp_config import AutoTPConfig, AutoTPPresets, PartitionType, TPLayerSpec
 from deepspeed.module_inject.layers import TensorParallel_Layer
@@ -202,9 +202,9 @@ class BatchSizeMPU:
 # ---- 3. The DeepSpeed config (and the non-finite guard that replaces its bf16 overflow check) ----
 
 def build_ds_config(args, specs, training=True, load_universal=False):
-    """The whole DeepSpeed configuration, evaluation-only variant included (training=False: ZeRO-0, no optimizer
-    states to shard). AutoTP is on because autotp_size is set: nothing else to call. load_universal: the
-    checkpoint to resume from is in DeepSpeed's universal form (written at another topology). specs: where
+    """The whole DeepSpeed configuration, evaluation-only variant included (training=False: ZeRO-0, no
+    optimizer states to shard). AutoTP is on because autotp_size is set: nothing else to call. load_universal:
+    the checkpoint to resume from is in DeepSpeed's universal form (written at another topology). specs: where
     the layer specs come from ({"partition_config": ...}, {"preset_model": NAME}, or nothing: the model's
     tp_plan or DeepSpeed's parser)."""
     return {
@@ -219,7 +219,8 @@ def build_ds_config(args, specs, training=True, load_universal=False):
         "bf16": {"enabled": args.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": args.precision == "fp16", "initial_scale_power": 16},
         "tensor_parallel": {"autotp_size": args.tp_size, **specs,
-                            "vocab_parallel_lm_head": args.vocab_parallel, "tp_overlap_comm": args.tp_overlap_comm},
+                            "vocab_parallel_lm_head": args.vocab_parallel,
+                            "tp_overlap_comm": args.tp_overlap_comm},
         **({"compile": {"deepcompile": True, "passes": ["autotp"]}} if args.deepcompile else {}),
         "steps_per_print": 10 ** 9,  # this script does its own logging
         **({"checkpoint": {"load_universal": True}} if load_universal else {}),
@@ -249,8 +250,9 @@ def check_finite(first_bad):
     first_bad = first_bad.clone()
     dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
     if math.isfinite(first_bad.item()):
-        raise Diverged(f"the loss or gradient norm is not finite at step {int(first_bad.item())}: lower --learning_rate, "
-                       "try --precision fp32, or resume from the last checkpoint (none is written after this)")
+        raise Diverged(f"the loss or gradient norm is not finite at step {int(first_bad.item())}: "
+                       "lower --learning_rate, try --precision fp32, or resume from the last checkpoint "
+                       "(none is written after this)")
 
 
 # ---- 4. deepspeed.initialize ---------------------------------------------------------------------
@@ -264,7 +266,8 @@ def adamw_factory(args):
                         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         # fused: one kernel for the whole update instead of a few per tensor list (GPU only)
         fused = all(p.is_cuda for p in params)
-        return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+        return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                 fused=fused)
     return build
 
 
@@ -277,13 +280,14 @@ def warmup_cosine_factory(args):
 def build_engine(model, args, layout, ds_config, optimizer=None, training=True):
     """deepspeed.initialize: AutoTP shards the model where it stands, then the engine moves the shards to the
     device and wraps the optimizer in ZeRO; then the per-rank head counts for model code that reads them.
-    training=False (with build_ds_config(training=False)): no optimizer, so no fp32 master weights or optimizer
-    state."""
+    training=False (with build_ds_config(training=False)): no optimizer, so no fp32 master weights or
+    optimizer state."""
     # an optimizer or scheduler in the config (a DeepSpeed config of your own) is DeepSpeed's to build
     own_optimizer = training and "optimizer" not in ds_config
     own_schedule = training and "scheduler" not in ds_config
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
-                                           optimizer=(optimizer or adamw_factory(args)) if own_optimizer else None,
+                                           optimizer=(optimizer or adamw_factory(args)) if own_optimizer
+                                           else None,
                                            lr_scheduler=warmup_cosine_factory(args) if own_schedule else None,
                                            # at tp=1 DeepSpeed builds no AutoTP groups and would take its DP
                                            # group from the mpu: it needs none
@@ -340,7 +344,8 @@ def train_batches(dataset, layout, micro_batch, global_batch, seed, device, skip
         sampler.set_epoch(epoch)
         start = micro_batch * (skip - epoch * per_epoch if epoch == skip // per_epoch else 0)
         indices = list(sampler)[start:per_epoch * micro_batch]
-        loader = DataLoader(dataset, batch_size=micro_batch, sampler=indices, pin_memory=device.type == "cuda")
+        loader = DataLoader(dataset, batch_size=micro_batch, sampler=indices,
+                            pin_memory=device.type == "cuda")
         for batch in loader:
             yield batch["input_ids"].to(device, non_blocking=True)
 
@@ -391,12 +396,15 @@ def checked(kind, accept, what):
     return parse
 
 
-POSITIVE_INT, POSITIVE = checked(int, lambda v: v > 0, "positive"), checked(float, lambda v: v > 0, "positive")
-COUNT, NON_NEGATIVE = checked(int, lambda v: v >= 0, "zero or positive"), checked(float, lambda v: v >= 0, "zero or positive")
+POSITIVE_INT, POSITIVE = (checked(int, lambda v: v > 0, "positive"),
+                          checked(float, lambda v: v > 0, "positive"))
+COUNT, NON_NEGATIVE = (checked(int, lambda v: v >= 0, "zero or positive"),
+                       checked(float, lambda v: v >= 0, "zero or positive"))
 
 
 def existing_file(suffixes=None):
-    """An argparse type for a file the run reads: it must exist, hold something, and (suffixes) be of a known kind."""
+    """An argparse type for a file the run reads: it must exist, hold something, and (suffixes) be of a known
+    kind."""
     def parse(path):
         if suffixes and Path(path).suffix not in suffixes:
             raise argparse.ArgumentTypeError(f"{path}: use one of {', '.join(suffixes)}")
@@ -411,7 +419,8 @@ def existing_file(suffixes=None):
 def model_name(name):
     shape = builtin_shape(name)
     if shape is not None and shape not in BUILTIN_SHAPES:
-        raise argparse.ArgumentTypeError(f"unknown built-in model {shape!r}: use one of {', '.join(BUILTIN_SHAPES)}")
+        raise argparse.ArgumentTypeError(f"unknown built-in model {shape!r}: "
+                                         f"use one of {', '.join(BUILTIN_SHAPES)}")
     return name
 
 
@@ -428,47 +437,55 @@ def build_parser():
         if same_on_resume:
             p.same_on_resume.append(dest)
     # model
-    a("--model_name", same_on_resume=True, type=model_name, default=BUILTIN_PREFIX + ("pythia-410m" if gpu else "tiny"),
+    a("--model_name", same_on_resume=True, type=model_name,
+      default=BUILTIN_PREFIX + ("pythia-410m" if gpu else "tiny"),
       help=f"hub id, local directory, or builtin:NAME (random weights; NAME in {', '.join(BUILTIN_SHAPES)})")
-    a("--tokenizer_name", same_on_resume=True, default=None, help="tokenizer to use instead of the model's own")
-    a("--random_init", action="store_true", help="build a hub/local model from its config with random weights")
+    a("--tokenizer_name", same_on_resume=True, default=None,
+      help="tokenizer to use instead of the model's own")
+    a("--random_init", action="store_true",
+      help="build a hub/local model from its config with random weights")
     a("--shard_on_load", action=argparse.BooleanOptionalAction, default=None,
-      help="slice the empty model on the host and write each rank's shards straight to its device, so that no "
-           "device ever holds the whole model. Default: on where the model's weights do not fit "
-           f"{STAGING_FRACTION:.0%} of one GPU's free memory, and on CPU; --no-shard_on_load stages it on the GPU")
+      help="slice the empty model on the host and write each rank's shards straight to its device, so that "
+           "no device ever holds the whole model. Default: on where the model's weights do not fit "
+           f"{STAGING_FRACTION:.0%} of one GPU's free memory, and on CPU; --no-shard_on_load stages it on "
+           "the GPU")
     a("--trust_remote_code", action="store_true", help="allow model/tokenizer code from the hub")
     a("--partition_config", same_on_resume=True, default=None,
-      help="where the layer specs come from: a JSON file (DeepSpeed's partition_config), preset:NAME (DeepSpeed's "
-           f"presets: {', '.join(PRESETS)}), tp_plan (the model's Hugging Face tp_plan) or autotp_parser "
-           "(DeepSpeed's automatic parser); default: the built-in GPT-NeoX specs. README: Which specs for which model")
-    a("--dry_run", action="store_true", help="print how the specs shard every Linear and the memory per rank, "
-      "then stop: no GPU, no weights, no data")
-    a("--verify_tp", action="store_true", help="before training, compare the sharded model with the unsharded "
-      "one on the first training sequence, module by module; stop if they differ")
+      help="where the layer specs come from: a JSON file (DeepSpeed's partition_config), preset:NAME "
+           f"(DeepSpeed's presets: {', '.join(PRESETS)}), tp_plan (the model's Hugging Face tp_plan) or "
+           "autotp_parser (DeepSpeed's automatic parser); default: the built-in GPT-NeoX specs. README: "
+           "Which specs for which model")
+    a("--dry_run", action="store_true", help="print how the specs shard every Linear and the memory per "
+      "rank, then stop: no GPU, no weights, no data")
+    a("--verify_tp", action="store_true", help="before training, compare the sharded model with the "
+      "unsharded one on the first training sequence, module by module; stop if they differ")
     # parallelism
     a("--tp_size", type=POSITIVE_INT, default=None,
-      help="tensor-parallel ranks per model replica (default: world_size / dp_size; when neither is given, the "
-           "largest divisor of world_size that the model's heads and MLP width divide into)")
+      help="tensor-parallel ranks per model replica (default: world_size / dp_size; when neither is given, "
+           "the largest divisor of world_size that the model's heads and MLP width divide into)")
     a("--dp_size", type=POSITIVE_INT, default=None, help="DP replicas (default: world_size / tp_size)")
     a("--world_size", type=POSITIVE_INT, default=None, help="with --dry_run: the number of ranks to lay out "
       "(default: --tp_size x --dp_size); every tp x dp of it is listed with its memory per rank")
-    a("--gpu_memory_gib", type=POSITIVE, default=None, help="memory of one GPU, for the layouts of --dry_run and "
-      "the default micro-batch (default: this machine's GPU)")
+    a("--gpu_memory_gib", type=POSITIVE, default=None, help="memory of one GPU, for the layouts of --dry_run "
+      "and the default micro-batch (default: this machine's GPU)")
     a("--zero_stage", type=int, default=2, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
     # DeepSpeed's TP accelerations (tensor_parallel and compile sections of its config)
     a("--vocab_parallel", action=argparse.BooleanOptionalAction, default=None,
       help="split the output head by vocabulary over the TP ranks and compute the loss on the shards "
            "(vocab_parallel_lm_head): 1/tp of the head's weights, gradients, optimizer state and logits per "
-           "rank. Default: on where it applies (tp > 1 dividing the vocabulary, an untied head, no --deepcompile)")
+           "rank. Default: on where it applies (tp > 1 dividing the vocabulary, an untied head, no "
+           "--deepcompile)")
     a("--tp_overlap_comm", action="store_true", help="overlap the all-reduce of each column-parallel layer's "
       "input gradient with its weight-gradient matmul in the backward pass")
-    a("--deepcompile", action="store_true", help="DeepCompile with its autotp pass (CPU only): the TP collectives "
-      "become graph ops and the whole model compiles to one graph, in place of --compile's per-block graphs")
+    a("--deepcompile", action="store_true",
+      help="DeepCompile with its autotp pass (CPU only): the TP collectives become graph ops and the whole "
+           "model compiles to one graph, in place of --compile's per-block graphs")
     a("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
       help="set by the deepspeed launcher; torchrun sets LOCAL_RANK instead")
     # data
     a("--dataset_name", same_on_resume=True, default=None, help="Hugging Face datasets name, e.g. wikitext")
-    a("--dataset_config_name", same_on_resume=True, default=None, help="its configuration: wikitext-103-raw-v1")
+    a("--dataset_config_name", same_on_resume=True, default=None,
+      help="its configuration: wikitext-103-raw-v1")
     a("--train_file", same_on_resume=True, type=existing_file(TEXT_FILE_BUILDERS), default=None,
       help="txt (one document per paragraph), json/jsonl, csv or parquet")
     a("--validation_file", same_on_resume=True, type=existing_file(TEXT_FILE_BUILDERS), default=None,
@@ -482,15 +499,18 @@ def build_parser():
     a("--cache_dir", default=os.path.join(Path.home(), ".cache", "autotp_custom_patterns"),
       help="where the embedded corpus and trained tokenizers are kept")
     # optimisation
-    a("--batch_size", type=POSITIVE_INT, default=None, help="micro-batch per rank (sequences). Default: 1 on CPU; "
-      "on a GPU the largest power of two whose activations fit beside the model states (estimated, printed)")
+    a("--batch_size", type=POSITIVE_INT, default=None,
+      help="micro-batch per rank (sequences). Default: 1 on CPU; on a GPU the largest power of two whose "
+           "activations fit beside the model states (estimated, printed)")
     a("--gradient_accumulation_steps", type=POSITIVE_INT, default=1, help="micro-batches per step")
     a("--seq_length", same_on_resume=True, type=POSITIVE_INT, default=2048 if gpu else 512,
       help="tokens per training sequence")
     a("--num_steps", type=COUNT, default=50, help="optimizer steps; 0 evaluates only")
     a("--learning_rate", type=POSITIVE, default=1e-4, help="peak learning rate (AdamW)")
-    a("--weight_decay", type=NON_NEGATIVE, default=0.01, help="AdamW weight decay for matrices (not biases, norms)")
-    a("--warmup_steps", type=COUNT, default=None, help="linear warmup steps before cosine decay (default 10%%)")
+    a("--weight_decay", type=NON_NEGATIVE, default=0.01,
+      help="AdamW weight decay for matrices (not biases, norms)")
+    a("--warmup_steps", type=COUNT, default=None,
+      help="linear warmup steps before cosine decay (default 10%%)")
     a("--max_grad_norm", type=NON_NEGATIVE, default=1.0, help="clip the global gradient norm; 0 disables")
     a("--precision", same_on_resume=True, default="bf16", choices=list(DTYPES), help="training dtype")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -498,16 +518,21 @@ def build_parser():
            "once the first one has paid for the compilation. Default: on with CUDA GPUs, off on CPU")
     a("--activation_checkpointing", action="store_true",
       help="recompute each layer's activations in the backward pass: less memory, ~30%% more compute")
-    a("--seed", same_on_resume=True, type=int, default=42, help="seed of the weights, data order and tokenizer")
+    a("--seed", same_on_resume=True, type=int, default=42,
+      help="seed of the weights, data order and tokenizer")
     # reporting
     a("--log_interval", type=POSITIVE_INT, default=5, help="log every N steps (each log syncs the host)")
-    a("--eval_interval", type=COUNT, default=25, help="evaluate every N steps (and at the end); 0: only at the end")
-    a("--peak_tflops", type=POSITIVE, default=None, help="accelerator peak TFLOP/s for MFU (default: detected)")
-    a("--report_to", default=None, choices=list(MONITORS), help="also send the logged metrics to this DeepSpeed "
-      "monitor (files under <output_dir>/monitor; other monitor settings through --deepspeed_config)")
-    a("--deepspeed_config", type=existing_file(), default=None, help="a DeepSpeed config (JSON) merged into the "
-      "one the script builds: its settings win, except those the script sets from its flags (micro-batch, "
-      "accumulation, clipping, precision, ZeRO stage, tensor_parallel, compile), which must agree with them")
+    a("--eval_interval", type=COUNT, default=25,
+      help="evaluate every N steps (and at the end); 0: only at the end")
+    a("--peak_tflops", type=POSITIVE, default=None,
+      help="accelerator peak TFLOP/s for MFU (default: detected)")
+    a("--report_to", default=None, choices=list(MONITORS),
+      help="also send the logged metrics to this DeepSpeed monitor (files under <output_dir>/monitor; other "
+           "monitor settings through --deepspeed_config)")
+    a("--deepspeed_config", type=existing_file(), default=None,
+      help="a DeepSpeed config (JSON) merged into the one the script builds: its settings win, except those "
+           "the script sets from its flags (micro-batch, accumulation, clipping, precision, ZeRO stage, "
+           "tensor_parallel, compile), which must agree with them")
     a("--output_dir", default="output",
       help="results.json, loss_curve.png, checkpoints/ and the exported Hugging Face model hf/")
     # checkpoints and export
@@ -524,14 +549,16 @@ def build_parser():
 
 
 def builtin_shape(name):
-    """NAME of a --model_name builtin:NAME (a Pythia shape with random weights), None for a hub id or directory."""
+    """NAME of a --model_name builtin:NAME (a Pythia shape with random weights), None for a hub id or
+    directory."""
     return name[len(BUILTIN_PREFIX):] if name.startswith(BUILTIN_PREFIX) else None
 
 
 def check_args(args):
     """The checks argparse cannot make alone, between flags. Raises UsageError naming the flag to change."""
     if args.world_size and not args.dry_run:
-        raise UsageError("--world_size describes the ranks of --dry_run; a launch takes its size from the launcher")
+        raise UsageError("--world_size describes the ranks of --dry_run; "
+                         "a launch takes its size from the launcher")
     if args.export_only and not args.resume_from_checkpoint:
         raise UsageError("--export_only exports a checkpoint: give --resume_from_checkpoint too")
     if args.dataset_name and args.train_file:
@@ -539,32 +566,37 @@ def check_args(args):
 
 
 def check_tp_features(args, layout):
-    """The TP accelerations need tp > 1, and DeepSpeed cannot combine DeepCompile's autotp pass with the others
-    (the vocabulary-parallel head: vocab_parallel_refusal); that pass is for CPU runs only (on GPUs the weights the TP ranks hold whole drift apart under it).
-    Refused here, before any weight loads."""
-    wanted = [f"--{name}" for name in ("vocab_parallel", "tp_overlap_comm", "deepcompile") if getattr(args, name)]
+    """The TP accelerations need tp > 1, and DeepSpeed cannot combine DeepCompile's autotp pass with the
+    others (the vocabulary-parallel head: vocab_parallel_refusal); that pass is for CPU runs only (on GPUs the
+    weights the TP ranks hold whole drift apart under it). Refused here, before any weight loads."""
+    wanted = [f"--{name}" for name in ("vocab_parallel", "tp_overlap_comm", "deepcompile")
+              if getattr(args, name)]
     if wanted and layout.tp == 1:
         raise UsageError(f"{' and '.join(wanted)} act on tensor-parallel layers: use them with --tp_size > 1")
     if args.deepcompile and torch.cuda.is_available():
-        raise UsageError("--deepcompile is refused on GPUs: measured on 2 H200s (fp32, tp 2) its autotp pass trains with "
-                         "the unsharded model's losses and gradient norms, but the weights the TP ranks hold whole stop "
-                         "being identical across them, and a bf16 run stopped when they drifted apart; use --compile")
+        raise UsageError("--deepcompile is refused on GPUs: measured on 2 H200s (fp32, tp 2) its autotp pass "
+                         "trains with the unsharded model's losses and gradient norms, but the weights the "
+                         "TP ranks hold whole stop being identical across them, and a bf16 run stopped when "
+                         "they drifted apart; use --compile")
     if args.deepcompile and (args.tp_overlap_comm or args.compile):
-        raise UsageError(f"--deepcompile cannot be combined with --{'compile' if args.compile else 'tp_overlap_comm'}: "
+        raise UsageError("--deepcompile cannot be combined with "
+                         f"--{'compile' if args.compile else 'tp_overlap_comm'}: "
                          "DeepSpeed's autotp pass " + ("compiles the whole model itself" if args.compile
                                                        else "does not support it"))
 
 
 def choose_layout(args, config):
-    """This rank's place in tp x dp: the sizes given, or, given neither, tp as large as the world and the model's
-    heads and MLP width allow. A plain `python ... --dry_run` lays out --world_size (or tp x dp) ranks."""
+    """This rank's place in tp x dp: the sizes given, or, given neither, tp as large as the world and the
+    model's heads and MLP width allow. A plain `python ... --dry_run` lays out --world_size (or tp x dp)
+    ranks."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.dry_run and "WORLD_SIZE" not in os.environ:
         world = args.world_size or (args.tp_size or 1) * (args.dp_size or 1)
     tp = args.tp_size or (None if args.dp_size else max(fitting_tps(config, world)))
     layout = resolve_layout(int(os.environ.get("RANK", 0)), world, tp, args.dp_size)
     if args.tp_size is None and args.dp_size is None and tp < world:
-        log(layout, f"tp {tp} x dp {world // tp}: the model's heads and MLP width do not divide into {world} TP ranks")
+        log(layout, f"tp {tp} x dp {world // tp}: the model's heads and MLP width do not divide into {world} "
+                    "TP ranks")
     return layout
 
 
@@ -640,10 +672,13 @@ def fit_micro_batch_to_data(args, layout, n_blocks):
 
 # What the script sets from its flags: a config of the user's may repeat these values, not change them.
 SCRIPT_OWNED = {
-    "train_micro_batch_size_per_gpu": "--batch_size", "gradient_accumulation_steps": "--gradient_accumulation_steps",
-    "train_batch_size": "--batch_size, --gradient_accumulation_steps and dp", "gradient_clipping": "--max_grad_norm",
-    "bf16.enabled": "--precision", "fp16.enabled": "--precision", "zero_optimization.stage": "--zero_stage",
-    "tensor_parallel": "--tp_size, --partition_config, --vocab_parallel or --tp_overlap_comm", "compile": "--deepcompile"}
+    "train_micro_batch_size_per_gpu": "--batch_size",
+    "gradient_accumulation_steps": "--gradient_accumulation_steps",
+    "train_batch_size": "--batch_size, --gradient_accumulation_steps and dp",
+    "gradient_clipping": "--max_grad_norm", "bf16.enabled": "--precision", "fp16.enabled": "--precision",
+    "zero_optimization.stage": "--zero_stage",
+    "tensor_parallel": "--tp_size, --partition_config, --vocab_parallel or --tp_overlap_comm",
+    "compile": "--deepcompile"}
 
 
 def read_json(path, flag):
@@ -661,8 +696,9 @@ def user_ds_config(args):
     if args.deepspeed_config:
         config = read_json(args.deepspeed_config, "--deepspeed_config")
         if not isinstance(config, dict):
-            raise UsageError(f"--deepspeed_config {args.deepspeed_config} is not a DeepSpeed config (a JSON object of "
-                             f"its sections, e.g. {{\"zero_optimization\": {{...}}}}), got a {type(config).__name__}")
+            raise UsageError(f"--deepspeed_config {args.deepspeed_config} is not a DeepSpeed config (a JSON "
+                             f"object of its sections, e.g. {{\"zero_optimization\": {{...}}}}), got a "
+                             f"{type(config).__name__}")
     if args.report_to:
         section = config.setdefault(args.report_to, {})
         section.setdefault("enabled", True)
@@ -682,7 +718,7 @@ def merge_user_config(args, ours, theirs):
     for key, flag in SCRIPT_OWNED.items():
         value, mine = dig(theirs, key), dig(ours, key)
         mine = args.global_batch_size if key == "train_batch_size" else mine
-        if isinstance(value, dict) and isinstance(mine, dict):  # a section of the script's: each key must agree
+        if isinstance(value, dict) and isinstance(mine, dict):  # a script's section: each key must agree
             key, value, mine = next(((f"{key}.{k}", v, mine.get(k, MISSING)) for k, v in value.items()
                                      if mine.get(k, MISSING) != v), (key, MISSING, mine))
         if value is MISSING or value == mine:
@@ -696,7 +732,8 @@ MISSING = object()
 
 
 def run_ds_config(args, source, training, load_universal):
-    """The recipe's DeepSpeed config for this run, with the user's own (--deepspeed_config, --report_to) merged in."""
+    """The recipe's DeepSpeed config for this run, with the user's own (--deepspeed_config, --report_to)
+    merged in."""
     return merge_user_config(args, build_ds_config(args, source.tensor_parallel, training, load_universal),
                              args.user_deepspeed_config)
 
@@ -740,20 +777,23 @@ def check_ds_config(ds_config, where):
             read.add(key)
             return super().__contains__(key)
 
-    config = Reading({k: v for k, v in ds_config.items() if k != "train_batch_size"})  # checked against dp already
+    config = Reading({k: v for k, v in ds_config.items() if k != "train_batch_size"})  # already checked vs dp
     try:
         DeepSpeedConfig(config)
     except Exception as exc:  # pydantic's ValidationError, DeepSpeed's asserts: the message is what counts
-        raise UsageError(f"{where}: DeepSpeed rejects the resulting config: {' '.join(str(exc).split())[:400]}")
+        raise UsageError(f"{where}: DeepSpeed rejects the resulting config: "
+                         f"{' '.join(str(exc).split())[:400]}")
     unread = sorted(set(config) - read)
     if unread:
-        raise UsageError(f"{where}: DeepSpeed does not read {unread} (misspelt? it would ignore them silently)")
+        raise UsageError(f"{where}: DeepSpeed does not read {unread} "
+                         "(misspelt? it would ignore them silently)")
 
 
 def report(engine, prefix, record):
     """The logged figures to the DeepSpeed monitors the config enables (rank 0 writes), against the step."""
     if engine.monitor.enabled:
-        engine.monitor.write_events([(f"{prefix}/{name}", value, record["step"]) for name, value in record.items()
+        engine.monitor.write_events([(f"{prefix}/{name}", value, record["step"])
+                                     for name, value in record.items()
                                      if name != "step" and value is not None])
 
 
@@ -767,35 +807,39 @@ class SpecSource:
     name: str
     tensor_parallel: dict
     tp_config: AutoTPConfig | None
-    every_spec_matches: bool = True  # not for a converted tp_plan: it lists names with and without the model's
-    #                                  prefix, and norms, which the plan of Linears does not cover
+    every_spec_matches: bool = True  # not for a converted tp_plan: it lists names with and without the
+    #                                  model's prefix, and norms, which the plan of Linears does not cover
 
     def plan(self, model, tp, vocab_parallel=False, sharded=None):
-        """plan_partition of these specs on the shapes-only model; where DeepSpeed's parser decides, the plan is
-        read off the `sharded` model (the layer type that replaced each module), or None before there is one."""
+        """plan_partition of these specs on the shapes-only model; where DeepSpeed's parser decides, the plan
+        is read off the `sharded` model (the layer type that replaced each module), or None before there is
+        one."""
         if self.tp_config:
             return plan_partition(model, self.tp_config, tp, vocab_parallel, self.every_spec_matches)
         if sharded is None:
             return None
-        layers = {name: type(m).__name__ for name, m in sharded.named_modules() if isinstance(m, TensorParallel_Layer)}
+        layers = {name: type(m).__name__ for name, m in sharded.named_modules()
+                  if isinstance(m, TensorParallel_Layer)}
         return walk_plan(model, tp, lambda name, _: layers.get(name) and parser_spec(layers[name]))
 
 
-PRESETS = [name for name in vars(AutoTPPresets) if not name.startswith("_") and AutoTPPresets.get_preset(name)]
+PRESETS = [name for name in vars(AutoTPPresets)
+           if not name.startswith("_") and AutoTPPresets.get_preset(name)]
 
 
 def spec_source(args, config, shapes_only):
-    """--partition_config: a JSON file (DeepSpeed's partition_config), preset:NAME (DeepSpeed's AutoTPPresets),
-    tp_plan (the model's Hugging Face tp_plan, converted by DeepSpeed's TPPlanConverter), autotp_parser
-    (DeepSpeed's automatic parser, for a model without a tp_plan), or nothing: the built-in GPT-NeoX specs.
-    DeepSpeed's own objects read each; they are not copied here."""
+    """--partition_config: a JSON file (DeepSpeed's partition_config), preset:NAME (DeepSpeed's
+    AutoTPPresets), tp_plan (the model's Hugging Face tp_plan, converted by DeepSpeed's TPPlanConverter),
+    autotp_parser (DeepSpeed's automatic parser, for a model without a tp_plan), or nothing: the built-in
+    GPT-NeoX specs. DeepSpeed's own objects read each; they are not copied here."""
     given, model_type = args.partition_config, config.model_type
     hf_plan = _get_hf_tp_plan(shapes_only)
     if given is None:
         if model_type != "gpt_neox":
             hint = " tp_plan (the model's own)," if hf_plan else ""
-            raise UsageError(f"the built-in layer specs are for GPT-NeoX; for {model_type} pass --partition_config "
-                             f"with a spec file,{hint} or preset:NAME ({', '.join(PRESETS)}); README: Which specs")
+            raise UsageError(f"the built-in layer specs are for GPT-NeoX; for {model_type} pass "
+                             f"--partition_config with a spec file,{hint} or preset:NAME "
+                             f"({', '.join(PRESETS)}); README: Which specs")
         return SpecSource("the built-in GPT-NeoX specs", {"partition_config": builtin_partition_config()},
                           autotp_config(builtin_partition_config()))
     if given.startswith("preset:"):
@@ -803,11 +847,12 @@ def spec_source(args, config, shapes_only):
         if name not in PRESETS:
             raise UsageError(f"--partition_config {given}: DeepSpeed has no AutoTP preset {name!r}; it has "
                              f"{', '.join(PRESETS)}")
-        return SpecSource(f"DeepSpeed's preset {name}", {"preset_model": name}, AutoTPPresets.get_preset(name))
+        return SpecSource(f"DeepSpeed's preset {name}", {"preset_model": name},
+                          AutoTPPresets.get_preset(name))
     if given == "tp_plan":
         if not hf_plan:
-            raise UsageError(f"--partition_config tp_plan: {model_type} has no Hugging Face tp_plan; use a spec file, "
-                             f"preset:NAME or autotp_parser")
+            raise UsageError(f"--partition_config tp_plan: {model_type} has no Hugging Face tp_plan; use a "
+                             "spec file, preset:NAME or autotp_parser")
         try:
             specs = TPPlanConverter.convert(hf_plan)
         except ValueError as exc:  # a style DeepSpeed cannot convert: it would refuse the whole plan too
@@ -817,25 +862,29 @@ def spec_source(args, config, shapes_only):
                           every_spec_matches=False)
     if given == "autotp_parser":
         if hf_plan:
-            raise UsageError(f"--partition_config autotp_parser: DeepSpeed uses {model_type}'s Hugging Face tp_plan "
-                             "when there is one, never its automatic parser: use --partition_config tp_plan")
+            raise UsageError(f"--partition_config autotp_parser: DeepSpeed uses {model_type}'s Hugging Face "
+                             "tp_plan when there is one, never its automatic parser: "
+                             "use --partition_config tp_plan")
         return SpecSource("DeepSpeed's automatic parser", {}, None)
     if not Path(given).is_file():
         raise UsageError(f"--partition_config {given} is no file, nor preset:NAME, tp_plan or autotp_parser")
     partition_config = load_partition_config(given)
-    return SpecSource(f"the spec file {given}", {"partition_config": partition_config}, autotp_config(partition_config))
+    return SpecSource(f"the spec file {given}", {"partition_config": partition_config},
+                      autotp_config(partition_config))
 
 
-# Measured on tiny random models at tp=2 and 4: the sources that pass --verify_tp and keep the whole weights in
-# step for three training steps, per model type, and those found wrong. Files are named by their file name.
+# Measured on tiny random models at tp=2 and 4: the sources that pass --verify_tp and keep the whole weights
+# in step for three training steps, per model type, and those found wrong. Files are named by their file name.
 SOURCES_VERIFIED = {
     "gpt_neox": {"builtin", "gpt_neox.json", "tp_plan"}, "llama": {"llama.json", "preset:llama", "tp_plan"},
     "mistral": {"llama.json", "preset:llama", "tp_plan"}, "qwen2": {"llama.json", "preset:qwen2", "tp_plan"},
     "qwen3": {"tp_plan"}, "gemma": {"llama.json", "preset:llama", "tp_plan"}, "phi3": {"preset:phi3"},
     "mixtral": {"mixtral.json"}, "opt": {"autotp_parser"}}
 SOURCES_WRONG = {
-    ("qwen3", "llama.json"): "q_norm and k_norm need their gradients summed over the TP ranks (the tp_plan does it)",
-    ("qwen3", "preset:qwen2"): "q_norm and k_norm need their gradients summed over the TP ranks (the tp_plan does it)",
+    ("qwen3", "llama.json"): "q_norm and k_norm need their gradients summed over the TP ranks (the tp_plan "
+                             "does it)",
+    ("qwen3", "preset:qwen2"): "q_norm and k_norm need their gradients summed over the TP ranks (the tp_plan "
+                               "does it)",
     ("phi3", "preset:phi3"): "its shape (3, -1) cuts a grouped-query qkv_proj into three equal blocks",
     ("bloom", "preset:bloom"): "the ALiBi biases are built for all heads, not each rank's",
     ("bloom", "autotp_parser"): "the ALiBi biases are built for all heads, not each rank's",
@@ -851,10 +900,11 @@ def warn_about_source(source, config, layout, args):
     gqa = getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads)
     wrong = SOURCES_WRONG.get((config.model_type, key))
     if wrong and (key != "preset:phi3" or gqa):
-        message = f"warning: {source.name} was measured wrong for {config.model_type}: {wrong}; README: Which specs"
+        message = (f"warning: {source.name} was measured wrong for {config.model_type}: {wrong}; "
+                   "README: Which specs")
     elif key not in SOURCES_VERIFIED.get(config.model_type, ()) and not args.verify_tp:
-        message = (f"warning: {source.name} has not been verified here for {config.model_type}: run once with "
-                   "--verify_tp (and watch for the whole weights drifting apart at the first logs)")
+        message = (f"warning: {source.name} has not been verified here for {config.model_type}: run once "
+                   "with --verify_tp (and watch for the whole weights drifting apart at the first logs)")
     else:
         return
     log(layout, message)
@@ -866,7 +916,7 @@ def parser_spec(layer):
     return TPLayerSpec(patterns=[f"({layer})"], partition_type="row" if "Allreduce" in layer else "column")
 
 
-PARTITION_CONFIG_KEYS = {f.name for f in dataclasses.fields(AutoTPConfig)}  # DeepSpeed's partition_config keys
+PARTITION_CONFIG_KEYS = {f.name for f in dataclasses.fields(AutoTPConfig)}  # DeepSpeed partition_config keys
 SPEC_FIELDS = {f.name for f in dataclasses.fields(TPLayerSpec)}  # and those of each of its layer_specs
 
 
@@ -877,26 +927,28 @@ def load_partition_config(path):
     data = read_json(path, "--partition_config")
     data = {"layer_specs": data} if isinstance(data, list) else data
     if not isinstance(data, dict) or not isinstance(data.get("layer_specs"), list) or not data["layer_specs"]:
-        raise UsageError(f"--partition_config {path}: expected DeepSpeed's partition_config, {{\"layer_specs\": [...]}} "
-                         f"with at least one spec, or the list of specs, got {sorted(data) if isinstance(data, dict) else data}")
-    data.pop("tp_local_config", None)  # earlier versions' key: localize_head_counts does it for every model now
+        raise UsageError(f"--partition_config {path}: expected DeepSpeed's partition_config, "
+                         f"{{\"layer_specs\": [...]}} with at least one spec, or the list of specs, got "
+                         f"{sorted(data) if isinstance(data, dict) else data}")
+    data.pop("tp_local_config", None)  # older versions' key: localize_head_counts does it for every model now
     unknown = set(data) - PARTITION_CONFIG_KEYS
     if unknown:
-        raise UsageError(f"--partition_config {path}: unknown key(s) {sorted(unknown)}; DeepSpeed's partition_config "
-                         f"takes {', '.join(sorted(PARTITION_CONFIG_KEYS))}")
+        raise UsageError(f"--partition_config {path}: unknown key(s) {sorted(unknown)}; DeepSpeed's "
+                         f"partition_config takes {', '.join(sorted(PARTITION_CONFIG_KEYS))}")
     autotp_config(data, f"--partition_config {path}")
     return data
 
 
 def autotp_config(partition_config, where="--partition_config"):
-    """DeepSpeed's own reading of a partition_config (AutoTPConfig.from_dict, which deepspeed.initialize uses),
-    after checking what it would take silently (an unknown or misspelt field: ignored) or fail on only later
-    (a pattern that is no regular expression)."""
+    """DeepSpeed's own reading of a partition_config (AutoTPConfig.from_dict, which deepspeed.initialize
+    uses), after checking what it would take silently (an unknown or misspelt field: ignored) or fail on only
+    later (a pattern that is no regular expression)."""
     for i, spec in enumerate(partition_config["layer_specs"]):
         here = f"{where} layer spec {i}"
         if not isinstance(spec, dict) or set(spec) - SPEC_FIELDS:
             unknown = sorted(set(spec) - SPEC_FIELDS) if isinstance(spec, dict) else spec
-            raise UsageError(f"{here}: unknown field(s) {unknown}; DeepSpeed knows {', '.join(sorted(SPEC_FIELDS))}")
+            raise UsageError(f"{here}: unknown field(s) {unknown}; DeepSpeed knows "
+                             f"{', '.join(sorted(SPEC_FIELDS))}")
         if not spec.get("patterns") or not all(isinstance(p, str) for p in spec["patterns"]):
             raise UsageError(f"{here}: \"patterns\" must be a non-empty list of regular expressions")
         for pattern in spec["patterns"]:
@@ -906,8 +958,9 @@ def autotp_config(partition_config, where="--partition_config"):
                 raise UsageError(f"{here}: pattern {pattern!r} is not a valid regular expression ({exc})")
         try:
             AutoTPConfig.from_dict({"layer_specs": [spec]})
-        except (ValueError, TypeError) as exc:  # partition_type, shape and partition_dim, checked by DeepSpeed
-            raise UsageError(f"{here}: {exc} (partition_type: column, row or skip; shape e.g. [[4096, 1024, 1024], -1])")
+        except (ValueError, TypeError) as exc:  # partition_type, shape, partition_dim, checked by DeepSpeed
+            raise UsageError(f"{here}: {exc} (partition_type: column, row or skip; "
+                             "shape e.g. [[4096, 1024, 1024], -1])")
     return AutoTPConfig.from_dict(partition_config)
 
 
@@ -918,14 +971,17 @@ def check_spec_shape(name, weight_shape, spec, tp):
     if shape is None:
         size = weight_shape[dim] if dim < len(weight_shape) else None
         if size is not None and size % tp:
-            raise UsageError(f"{name} {tuple(weight_shape)}: dim {dim} ({size}) does not divide by --tp_size {tp}")
+            raise UsageError(f"{name} {tuple(weight_shape)}: dim {dim} ({size}) does not divide "
+                             f"by --tp_size {tp}")
         return
     if len(shape) != len(weight_shape):
         return  # a reshape of another rank (e.g. experts): DeepSpeed checks it
-    blocks = list(shape[dim]) if isinstance(shape[dim], tuple) else [weight_shape[dim] // max(shape[dim], 1)] * shape[dim]
+    blocks = (list(shape[dim]) if isinstance(shape[dim], tuple)
+              else [weight_shape[dim] // max(shape[dim], 1)] * shape[dim])
     if sum(blocks) != weight_shape[dim] or any(b % tp for b in blocks):
-        raise UsageError(f"{name} {tuple(weight_shape)}: shape {json.dumps(shape)} splits dim {dim} into blocks "
-                         f"{blocks}, which must add up to {weight_shape[dim]} and each divide by --tp_size {tp}")
+        raise UsageError(f"{name} {tuple(weight_shape)}: shape {json.dumps(shape)} splits dim {dim} into "
+                         f"blocks {blocks}, which must add up to {weight_shape[dim]} and each divide by "
+                         f"--tp_size {tp}")
 
 
 def describe_spec(spec):
@@ -944,7 +1000,8 @@ def expected_local_shape(global_shape, spec, tp):
 
 
 # The output head under --vocab_parallel: DeepSpeed splits it by vocabulary before any spec is consulted.
-VOCAB_PARALLEL_HEAD = TPLayerSpec(patterns=["(the output head, --vocab_parallel)"], partition_type=PartitionType.COLUMN)
+VOCAB_PARALLEL_HEAD = TPLayerSpec(patterns=["(the output head, --vocab_parallel)"],
+                                  partition_type=PartitionType.COLUMN)
 
 
 def walk_plan(model, tp, spec_for):
@@ -956,36 +1013,42 @@ def walk_plan(model, tp, spec_for):
         if isinstance(weight, torch.Tensor) and weight.dim() == 2:
             spec = spec_for(module_name, module)
             for kind, param in module.named_parameters(recurse=False):
-                plan[f"{module_name}.{kind}"] = (spec, tuple(param.shape), expected_local_shape(param.shape, spec, tp))
+                plan[f"{module_name}.{kind}"] = (spec, tuple(param.shape),
+                                                 expected_local_shape(param.shape, spec, tp))
     return plan
 
 
 def plan_partition(model, tp_config, tp, vocab_parallel=False, every_spec_matches=True):
-    """The plan of these specs, matched the way deepspeed.initialize will (AutoTPConfig.find_matching_spec). Fails
-    on a spec that matches nothing (unless every_spec_matches is False: SpecSource says when), on a
-    transformer-block Linear that no spec covers, and, with strict_mode, on any Linear left unmatched (DeepSpeed
-    would fail there, after loading the weights)."""
+    """The plan of these specs, matched the way deepspeed.initialize will (AutoTPConfig.find_matching_spec).
+    Fails on a spec that matches nothing (unless every_spec_matches is False: SpecSource says when), on a
+    transformer-block Linear that no spec covers, and, with strict_mode, on any Linear left unmatched
+    (DeepSpeed would fail there, after loading the weights)."""
     def spec_for(module_name, module):
         spec = tp_config.find_matching_spec(module_name + ".weight", model.config.model_type)
-        if vocab_parallel and isinstance(module, torch.nn.Linear) and module_name.split(".")[-1] in tp_config.lm_head_patterns:
+        if vocab_parallel and isinstance(module, torch.nn.Linear) and (
+                module_name.split(".")[-1] in tp_config.lm_head_patterns):
             spec = VOCAB_PARALLEL_HEAD
         if spec is None and tp_config.strict_mode and not isinstance(module, torch.nn.Embedding):
-            raise UsageError(f"partition_config strict_mode: no layer spec matches {module_name}.weight; add one "
-                             "(partition_type skip keeps it whole) or drop strict_mode")
+            raise UsageError(f"partition_config strict_mode: no layer spec matches {module_name}.weight; "
+                             "add one (partition_type skip keeps it whole) or drop strict_mode")
         if spec is not None and spec.partition_type != PartitionType.SKIP:
             check_spec_shape(module_name + ".weight", module.weight.shape, spec, tp)
         return spec
 
     plan = walk_plan(model, tp, spec_for)
     if vocab_parallel and not any(spec is VOCAB_PARALLEL_HEAD for spec, _, _ in plan.values()):
-        raise UsageError(f"--vocab_parallel: this model has no Linear named {' or '.join(tp_config.lm_head_patterns)} "
-                         "(the output heads DeepSpeed can split by vocabulary): use --no-vocab_parallel")
+        raise UsageError("--vocab_parallel: this model has no Linear named "
+                         f"{' or '.join(tp_config.lm_head_patterns)} (the output heads DeepSpeed can split "
+                         "by vocabulary): use --no-vocab_parallel")
     for i, spec in enumerate(tp_config.layer_specs if every_spec_matches else []):
         if not any(planned is spec for planned, _, _ in plan.values()):
-            example = next((n for n in plan if n.endswith(".weight") and ".layers." in n), next(iter(plan), "?"))
-            excluded = spec.model_types and f" (its model_types {spec.model_types} leave out {model.config.model_type})"
-            raise UsageError(f"layer spec {i} {spec.patterns} matches no Linear weight of this model{excluded or ''}: "
-                             f"fix its pattern (names look like {example}; --dry_run lists them all)")
+            example = next((n for n in plan if n.endswith(".weight") and ".layers." in n),
+                           next(iter(plan), "?"))
+            excluded = (spec.model_types
+                        and f" (its model_types {spec.model_types} leave out {model.config.model_type})")
+            raise UsageError(f"layer spec {i} {spec.patterns} matches no Linear weight of this "
+                             f"model{excluded or ''}: fix its pattern (names look like {example}; "
+                             "--dry_run lists them all)")
     missed = [n for n, (spec, _, _) in plan.items() if spec is None and ".layers." in n]
     if missed:
         raise UsageError(f"no layer spec covers {missed[0]} (and {len(missed) - 1} more): it would stay "
@@ -995,7 +1058,7 @@ def plan_partition(model, tp_config, tp, vocab_parallel=False, every_spec_matche
 
 def check_partition(model, plan):
     """After deepspeed.initialize: every planned parameter has its expected local shape."""
-    local = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}  # tied ones too
+    local = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}  # tied too
     for name, (_, global_shape, expected) in plan.items():
         if local.get(name) != expected:
             raise RuntimeError(f"AutoTP left {name} as {local.get(name)}, expected {expected} "
@@ -1003,13 +1066,14 @@ def check_partition(model, plan):
 
 
 def plan_table(plan, source, tp, every_weight=False):
-    """The plan as rows, one per weight (its spec numbered as in the source, type, global and per-rank shape), and
-    as text: one line per spec with a count and an example (the training log), or every row (--dry_run)."""
+    """The plan as rows, one per weight (its spec numbered as in the source, type, global and per-rank shape),
+    and as text: one line per spec with a count and an example (the training log), or every row
+    (--dry_run)."""
     specs, rows = source.tp_config.layer_specs if source.tp_config else [], []
     for name, (spec, global_shape, local_shape) in plan.items():
         if not name.endswith(".weight"):
             continue
-        number = next((f"{i}: " for i, s in enumerate(specs) if s is spec), "")  # none: the head, or the parser's
+        number = next((f"{i}: " for i, s in enumerate(specs) if s is spec), "")  # none: head or parser spec
         label = "-" if spec is None else number + spec.patterns[0]
         rows.append({"weight": name, "type": spec.partition_type.value if spec else "replicated",
                      "spec": label + (f" shape={json.dumps(spec.shape)}" if spec and spec.shape else ""),
@@ -1020,7 +1084,8 @@ def plan_table(plan, source, tp, every_weight=False):
         groups.setdefault((r["type"], r["spec"]), []).append(r)
     for (kind, spec), group in groups.items():
         if every_weight:
-            lines += [f"  {r['weight']:56s} {kind:10s} {spec:46s} {r['global']} -> {r['per_rank']}" for r in group]
+            lines += [f"  {r['weight']:56s} {kind:10s} {spec:46s} {r['global']} -> {r['per_rank']}"
+                      for r in group]
         else:
             lines.append(f"  {kind:10s} {spec:46s} {len(group):3d} weight{'s' * (len(group) > 1)}, e.g. "
                          f"{group[0]['weight']} {group[0]['global']} -> {group[0]['per_rank']}")
@@ -1065,8 +1130,8 @@ def dry_run(model, plan, source, layout, args):
         rest = sum(math.prod(r["global"]) - math.prod(r["per_rank"]) for r in head)
         whole = memory_per_rank_gib(local + rest, layout, args)
         lines.append(f"the vocab-parallel head ({head[0]['global']} -> {head[0]['per_rank']} per rank) saves "
-                     f"{whole['total'] - memory['total']:.2f} GiB per rank of weights, gradients and optimizer "
-                     f"state, and its logits take 1/{layout.tp} of the memory")
+                     f"{whole['total'] - memory['total']:.2f} GiB per rank of weights, gradients and "
+                     f"optimizer state, and its logits take 1/{layout.tp} of the memory")
     warnings = [f"warning: {r['weight']} {r['global']} ({math.prod(r['global']) / 1e6:.1f}M parameters, "
                 f"{100 * math.prod(r['global']) / total:.0f}% of the model) stays whole on every TP rank"
                 for r in rows if r["type"] == "replicated" and math.prod(r["global"]) > 0.02 * total]
@@ -1090,8 +1155,8 @@ def print_layouts(args, config, layout):
     """--dry_run: every tp x dp of the world, one line each, the recommended one marked."""
     rows, memory = layout_table(args, config, layout.world_size, layout.tp)
     where = f"{memory:.0f} GiB (85% usable)" if memory else "a GPU (give --gpu_memory_gib to judge)"
-    lines = [f"layouts of {layout.world_size} ranks at micro-batch {args.batch_size} x {args.seq_length} tokens "
-             f"(estimate: model states + activations), on {where}:"]
+    lines = [f"layouts of {layout.world_size} ranks at micro-batch {args.batch_size} x {args.seq_length} "
+             f"tokens (estimate: model states + activations), on {where}:"]
     for r in rows:
         fit = "" if r["fits"] is None else ", fits" if r["fits"] else ", does not fit"
         mark = "   <- recommended: the smallest tp that fits" if r["recommended"] else ""
@@ -1107,8 +1172,9 @@ def advise_smaller_tp(args, config, layout):
     rows, memory = layout_table(args, config, layout.world_size, layout.tp)
     smaller = next((r for r in rows if r["fits"] and r["tp"] < layout.tp), None)
     if smaller:
-        log(layout, f"note: tp {smaller['tp']} x dp {smaller['dp']} would fit too ({smaller['gib_per_rank']:.0f} GiB "
-                    f"per rank estimated, of {memory:.0f}) and TP costs throughput per GPU (README: TP where it pays): "
+        log(layout, f"note: tp {smaller['tp']} x dp {smaller['dp']} would fit too "
+                    f"({smaller['gib_per_rank']:.0f} GiB per rank estimated, of {memory:.0f}) and TP costs "
+                    "throughput per GPU (README: TP where it pays): "
                     f"--tp_size {smaller['tp']} --dp_size {smaller['dp']}")
 
 
@@ -1134,8 +1200,8 @@ def init_distributed(local_rank):
 
 
 def leader_first(fn, leader):
-    """Run fn on the leader ranks (local rank 0: filling the node's caches; rank 0: a conversion), then on
-    the others (finding the work done). An error on a leader is passed to every rank, so none waits forever."""
+    """Run fn on the leader ranks (local rank 0: filling the node's caches; rank 0: a conversion), then on the
+    others (finding the work done). An error on a leader is passed to every rank, so none waits forever."""
     error, result = None, None
     if leader:
         try:
@@ -1207,7 +1273,8 @@ def load_text(args):
         held_out = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
         train, validation = held_out["train"], held_out["test"]
     columns = [args.text_column]
-    return datasets.DatasetDict(train=train.select_columns(columns), validation=validation.select_columns(columns))
+    return datasets.DatasetDict(train=train.select_columns(columns),
+                                validation=validation.select_columns(columns))
 
 
 def train_bpe_tokenizer(train_text, text_column, vocab_size, cache_dir):
@@ -1221,7 +1288,8 @@ def train_bpe_tokenizer(train_text, text_column, vocab_size, cache_dir):
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
         batches = (train_text[i:i + 1000][text_column] for i in range(0, len(train_text), 1000))
         tokenizer.train_from_iterator(batches, trainer=trainer, length=len(train_text))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1242,7 +1310,8 @@ def pack_into_blocks(raw, tokenizer, seq_length, text_column, num_proc=None):
     each map batch that does not fill a block is dropped). Cached by `datasets`."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise UsageError("the tokenizer has no EOS token to separate documents: pick another --tokenizer_name")
+        raise UsageError("the tokenizer has no EOS token to separate documents: "
+                         "pick another --tokenizer_name")
 
     def pack(batch):
         ids = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
@@ -1262,7 +1331,7 @@ def prepare_data(args):
             raise UsageError(f"the {name} data has no documents")
     tokenizer = load_tokenizer(args, raw)
     workers = args.preprocessing_num_workers
-    if workers is None and len(raw["train"]) >= 8000:  # worth starting processes for: half the cores, at most 8
+    if workers is None and len(raw["train"]) >= 8000:  # worth the processes: half the cores, at most 8
         workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     blocks = pack_into_blocks(raw, tokenizer, args.seq_length, args.text_column, workers)
     return tokenizer, blocks.with_format("torch")
@@ -1270,8 +1339,9 @@ def prepare_data(args):
 
 def check_data_size(blocks, args):
     if len(blocks["train"]) < args.global_batch_size:
-        raise UsageError(f"{len(blocks['train'])} training blocks of {args.seq_length} tokens cannot fill one "
-                         f"global batch of {args.global_batch_size}: lower --seq_length/--batch_size or add data")
+        raise UsageError(f"{len(blocks['train'])} training blocks of {args.seq_length} tokens cannot fill "
+                         f"one global batch of {args.global_batch_size}: "
+                         "lower --seq_length/--batch_size or add data")
     if len(blocks["validation"]) == 0:
         raise UsageError(f"the held-out text fills no block of {args.seq_length} tokens: raise "
                          "--validation_split_percentage, lower --seq_length or give --validation_file")
@@ -1316,7 +1386,8 @@ def layout_table(args, config, world_size, current_tp):
     smallest tp that fits (TP costs throughput per GPU)."""
     memory, rows = gpu_memory_gib(args), []
     for tp in fitting_tps(config, world_size):
-        split = tp > 1 and config.vocab_size % tp == 0 and not args.deepcompile and (args.vocab_parallel or current_tp == 1)
+        split = (tp > 1 and config.vocab_size % tp == 0 and not args.deepcompile
+                 and (args.vocab_parallel or current_tp == 1))
         states, per_sequence = estimated_memory_gib(args, config, tp, world_size // tp, split)
         total = states + args.batch_size * per_sequence
         rows.append({"tp": tp, "dp": world_size // tp, "gib_per_rank": total, "states_gib": states,
@@ -1336,7 +1407,8 @@ def load_config(args):
         return GPTNeoXConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                              intermediate_size=4 * hidden, vocab_size=vocab, max_position_embeddings=2048,
                              bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
-    return from_hub(AutoConfig.from_pretrained, args.model_name, "--model_name", trust_remote_code=args.trust_remote_code)
+    return from_hub(AutoConfig.from_pretrained, args.model_name, "--model_name",
+                    trust_remote_code=args.trust_remote_code)
 
 
 def from_hub(load, name, flag, **kwargs):
@@ -1351,12 +1423,13 @@ def from_hub(load, name, flag, **kwargs):
                              f"({str(exc).splitlines()[0]})") from None
         if isinstance(exc, ValueError):
             raise
-        where = (f"the Hugging Face hub cannot be reached from here ({offline}) and the local cache does not have it"
-                 if offline else "the Hugging Face hub has no such repository (or it is private or gated: log in "
+        where = (f"the Hugging Face hub cannot be reached from here ({offline}) and the local cache does not "
+                 "have it" if offline
+                 else "the Hugging Face hub has no such repository (or it is private or gated: log in "
                  "with `hf auth login`)")
-        raise UsageError(f"{flag} {name} is not a local directory and {where}: pass a local directory holding the "
-                         f"model, or builtin:NAME for a Pythia shape with random weights ({', '.join(BUILTIN_SHAPES)})"
-                         ) from None
+        raise UsageError(f"{flag} {name} is not a local directory and {where}: pass a local directory "
+                         "holding the model, or builtin:NAME for a Pythia shape with random weights "
+                         f"({', '.join(BUILTIN_SHAPES)})") from None
 
 
 def hub_unreachable():
@@ -1403,9 +1476,9 @@ def empty_model(args, config, dtype, where):
 
 
 class RandomWeights:
-    """Random weights, one module at a time: its parameters made whole on the device, initialised by the model's
-    own _init_weights from a generator seeded by the run's seed and the module's name. So the weights depend on
-    the seed and the device type only, not on tp, dp or which loading path made them."""
+    """Random weights, one module at a time: its parameters made whole on the device, initialised by the
+    model's own _init_weights from a generator seeded by the run's seed and the module's name. So the weights
+    depend on the seed and the device type only, not on tp, dp or which loading path made them."""
     description = "random weights"
 
     def __init__(self, shapes_only, seed, device):
@@ -1417,7 +1490,7 @@ class RandomWeights:
             own = {f"{module_name}.{n}".lstrip("."): n for n, _ in module.named_parameters(recurse=False)}
             if not own.keys() & wanted.keys():
                 continue
-            full = copy.copy(module)  # the module alone, the parameters wanted whole and real (others stay meta)
+            full = copy.copy(module)  # the module alone, wanted parameters whole and real (others stay meta)
             full._modules = {}
             full._parameters = dict(module._parameters) | {
                 n: torch.nn.Parameter(torch.empty_like(module._parameters[n], dtype=wanted[name].dtype,
@@ -1432,10 +1505,11 @@ class RandomWeights:
 
 
 class CheckpointWeights:
-    """A safetensors checkpoint, memory-mapped: a tensor read from it is backed by the file's pages, so taking a
-    rank's slice reads only that slice into memory. Its names are the model's after transformers' own renaming
-    (Pythia's embed_out becomes lm_head); a checkpoint whose tensors transformers must transform
-    (fuse, split) on load raises NeedsTransformers. Names and shapes are checked against the model up front."""
+    """A safetensors checkpoint, memory-mapped: a tensor read from it is backed by the file's pages, so taking
+    a rank's slice reads only that slice into memory. Its names are the model's after transformers' own
+    renaming (Pythia's embed_out becomes lm_head); a checkpoint whose tensors transformers must transform
+    (fuse, split) on load raises NeedsTransformers. Names and shapes are checked against the model up
+    front."""
 
     def __init__(self, directory, shapes_only, where):
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -1454,7 +1528,8 @@ class CheckpointWeights:
         expected = dict(shapes_only.named_parameters()) | persistent_buffers(shapes_only)
         self.tensors = {}  # the model's name -> (the file holding it, the name there)
         for key, file in files.items():
-            name, converted = rename_source_key(key, renamings, converters, shapes_only.base_model_prefix, expected)
+            name, converted = rename_source_key(key, renamings, converters, shapes_only.base_model_prefix,
+                                                expected)
             if converted:
                 raise NeedsTransformers(f"transformers transforms {key} when it loads it")
             self.tensors[name if name in expected else key] = (opened[file], key)
@@ -1520,9 +1595,9 @@ def model_weights(args, config, dtype, device, shapes_only=None):
 
 @torch.no_grad()
 def fill_weights(model, weights, tp_rank, tp, show_progress=False):
-    """Write every parameter (and persistent buffer) of `model` from `weights`: where AutoTP split it, only this
-    rank's slice, cut by the record DeepSpeed keeps on each split parameter (the one its universal checkpoints
-    are restored with: the layer's own split sizes, uneven and fused layouts included)."""
+    """Write every parameter (and persistent buffer) of `model` from `weights`: where AutoTP split it, only
+    this rank's slice, cut by the record DeepSpeed keeps on each split parameter (the one its universal
+    checkpoints are restored with: the layer's own split sizes, uneven and fused layouts included)."""
     wanted = dict(model.named_parameters())
     if not isinstance(weights, RandomWeights):
         wanted |= persistent_buffers(model)
@@ -1553,8 +1628,8 @@ def staging_place(args, n_params, dtype, device):
     return device, f"on the GPU ({size_gib:.1f} GiB of weights, {free_gib:.1f} GiB free)"
 
 
-def build_sharded_model(args, config, shapes_only, layout, ds_config, device, clock, specs_name, training=True,
-                        probe=None):
+def build_sharded_model(args, config, shapes_only, layout, ds_config, device, clock, specs_name,
+                        training=True, probe=None):
     """Each rank builds or reads only the weights it will hold: the model stands empty (on the GPU, or on the
     host when it does not fit, see staging_place), deepspeed.initialize cuts it into this rank's shards, and
     then every shard is written from the weights: random ones made one module at a time on the device, or
@@ -1563,32 +1638,34 @@ def build_sharded_model(args, config, shapes_only, layout, ds_config, device, cl
     Returns the engine and the reference (None without a probe or off rank 0)."""
     dtype = DTYPES[args.precision]
     place, why = staging_place(args, sum(p.numel() for p in shapes_only.parameters()), dtype, device)
-    weights = leader_first(lambda: model_weights(args, config, dtype, device, shapes_only), args.local_rank == 0)
+    weights = leader_first(lambda: model_weights(args, config, dtype, device, shapes_only),
+                           args.local_rank == 0)
     reference = None
     if probe is not None and layout.rank == 0:
         whole = build_model(args, config, dtype, place, weights)
         reference = unsharded_outputs(whole, probe)
         del whole
     model = empty_model(args, config, dtype, place)
-    if device.type == "cuda":  # what the GPU holds before deepspeed.initialize slices: the whole model when staged
+    if device.type == "cuda":  # GPU memory before deepspeed.initialize slices: the whole model when staged
         clock.figures["gpu_memory_before_slicing_gib"] = torch.cuda.memory_allocated(device) / 2 ** 30
     clock.lap("model", f"{weights.description}; the empty model {why}")
     try:
         engine = build_engine(model, args, layout, ds_config, training=training)
-    except (AssertionError, ValueError, NotImplementedError) as exc:  # DeepSpeed refusing this model or its specs
+    except (AssertionError, ValueError, NotImplementedError) as exc:  # DeepSpeed refusing the model or specs
         raise UsageError(f"deepspeed.initialize could not shard {args.model_name} with {specs_name}: "
                          f"{' '.join(str(exc).split())[:300]}") from None
     del model
     tp_rank = groups.get_tensor_model_parallel_rank() if layout.tp > 1 else 0
     fill_weights(engine.module, weights, tp_rank, layout.tp, show_progress=layout.rank == 0)
-    transformers.set_seed(args.seed)  # random weights reseed per module: the run's own streams start from --seed
+    transformers.set_seed(args.seed)  # random weights reseed per module: the run's streams start from --seed
     if hasattr(engine.optimizer, "refresh_fp32_params"):  # ZeRO's master copy was taken from the empty model
         engine.optimizer.refresh_fp32_params()
-    held = f"tp rank {tp_rank} of {layout.tp} holds {sum(p.numel() for p in engine.module.parameters()) / 1e6:,.1f}M parameters"
+    held = (f"tp rank {tp_rank} of {layout.tp} holds "
+            f"{sum(p.numel() for p in engine.module.parameters()) / 1e6:,.1f}M parameters")
     if device.type == "cuda":  # the peak since DeepSpeed last reset it inside deepspeed.initialize
         clock.figures["loading_peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        held += (f", GPU memory {clock.figures['gpu_memory_before_slicing_gib']:.1f} GiB before slicing, peak "
-                 f"{clock.figures['loading_peak_gpu_memory_gib']:.1f} GiB while loading")
+        held += (f", GPU memory {clock.figures['gpu_memory_before_slicing_gib']:.1f} GiB before slicing, "
+                 f"peak {clock.figures['loading_peak_gpu_memory_gib']:.1f} GiB while loading")
     clock.lap("sharding and loading", held)
     return engine, reference
 
@@ -1670,12 +1747,12 @@ def model_code_errors(where):
     try:
         yield
     except torch.OutOfMemoryError:
-        raise UsageError(f"out of memory {where}: lower --batch_size or --seq_length, raise --tp_size, or add "
-                         "--activation_checkpointing") from None
+        raise UsageError(f"out of memory {where}: lower --batch_size or --seq_length, raise --tp_size, or "
+                         "add --activation_checkpointing") from None
     except RuntimeError as exc:
-        raise UsageError(f"the sharded model failed {where}: {str(exc).splitlines()[0][:300]}. The specs may split a "
-                         "weight in a way the model's code does not expect: --verify_tp names the first module that "
-                         "differs (README: Which specs)") from None
+        raise UsageError(f"the sharded model failed {where}: {str(exc).splitlines()[0][:300]}. The specs may "
+                         "split a weight in a way the model's code does not expect: --verify_tp names the "
+                         "first module that differs (README: Which specs)") from None
 
 
 def check_replicated_in_sync(model, layout, step):
@@ -1687,16 +1764,18 @@ def check_replicated_in_sync(model, layout, step):
         return
     whole = [(n, p) for n, p in model.named_parameters()
              if not getattr(p, "tensor_model_parallel", False)]  # AutoTP marks the weights it splits
-    sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()]) for _, p in whole])
+    sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()])
+                        for _, p in whole])
     gathered = [torch.empty_like(sums) for _ in range(layout.tp)]
     dist.all_gather(gathered, sums, group=groups.get_tensor_model_parallel_group())
-    # Equal to rounding (1e-6 of the weight's size): a partial gradient moves them by the learning rate's order.
+    # Equal to rounding (1e-6 of the weight size): a partial gradient moves them by the learning rate's order.
     spread = (torch.stack(gathered) - gathered[0]).abs().amax(dim=(0, 2))
     differ = [n for i, (n, _) in enumerate(whole) if spread[i] > 1e-6 * (gathered[0][i, 1] + 1e-12)]
     if differ:
-        raise UsageError(f"at step {step} {differ[0]} (and {len(differ) - 1} more) differ across the TP ranks that hold "
-                         "them whole: each rank's gradient is only part of the sum; give them a spec with "
-                         '"partition_type": "skip", "grad_allreduce": true (the model\'s tp_plan may have one)')
+        raise UsageError(f"at step {step} {differ[0]} (and {len(differ) - 1} more) differ across the TP "
+                         "ranks that hold them whole: each rank's gradient is only part of the sum; "
+                         'give them a spec with "partition_type": "skip", "grad_allreduce": true '
+                         "(the model's tp_plan may have one)")
 
 
 def gather_vocab_shards(logits):
@@ -1727,8 +1806,9 @@ def verify_tp(engine, probe, reference, plan, layout, args):
     if error:
         raise UsageError(error)
     log(layout, f"verify_tp: sharded = unsharded on {probe.shape[1]} tokens: loss {report['loss']:.6f} vs "
-                f"{report['reference_loss']:.6f}, logits max diff {report['logits_max_diff']:.2e}, worst module "
-                f"{report['worst_module']} (relative {report['worst_relative_diff']:.2e}, tolerance {report['tolerance']:.0e})")
+                f"{report['reference_loss']:.6f}, logits max diff {report['logits_max_diff']:.2e}, "
+                f"worst module {report['worst_module']} (relative {report['worst_relative_diff']:.2e}, "
+                f"tolerance {report['tolerance']:.0e})")
     return report
 
 
@@ -1750,14 +1830,15 @@ def first_disagreement(reference, sharded, plan, tolerance, precision):
         if not rel <= tolerance:
             suspects = [f"{n} ({describe_spec(plan[n + '.weight'][0])})" for n in since_last_good
                         if plan.get(n + ".weight", (None,))[0] is not None]
-            return (f"--verify_tp: the sharded model differs from the unsharded one first at {name} (relative "
-                    f"difference {rel:.2e}, tolerance {tolerance:.0e} for {precision}; loss {loss:.4f} vs "
-                    f"{ref_loss:.4f}); sharded layers since the last agreeing output: {', '.join(suspects) or 'none'}: "
-                    "check their specs (a fused weight needs the split that matches its layout)"), None
+            return (f"--verify_tp: the sharded model differs from the unsharded one first at {name} "
+                    f"(relative difference {rel:.2e}, tolerance {tolerance:.0e} for {precision}; "
+                    f"loss {loss:.4f} vs {ref_loss:.4f}); sharded layers since the last agreeing output: "
+                    f"{', '.join(suspects) or 'none'}: check their specs (a fused weight needs the split "
+                    "that matches its layout)"), None
         since_last_good = []
-    return None, {"loss": loss, "reference_loss": ref_loss, "logits_max_diff": (logits - ref_logits).abs().max().item(),
-                  "worst_module": worst[0], "worst_relative_diff": worst[1], "modules_compared": compared,
-                  "tolerance": tolerance}
+    return None, {"loss": loss, "reference_loss": ref_loss,
+                  "logits_max_diff": (logits - ref_logits).abs().max().item(), "worst_module": worst[0],
+                  "worst_relative_diff": worst[1], "modules_compared": compared, "tolerance": tolerance}
 
 
 # ---- Checkpoints, resume, stopping on a signal, and the Hugging Face export ----------------------
@@ -1786,7 +1867,8 @@ def find_checkpoint(args):
     meta = json.loads((path / "run.json").read_text())
     for name in build_parser().same_on_resume:
         if meta["args"].get(name) != getattr(args, name):
-            raise UsageError(f"--resume_from_checkpoint {given} was written with --{name} {meta['args'].get(name)}, "
+            raise UsageError(f"--resume_from_checkpoint {given} was written with "
+                             f"--{name} {meta['args'].get(name)}, "
                              f"this run has --{name} {getattr(args, name)}: use the checkpoint's value")
     saved = meta["args"]
     written = training_settings(saved.get("user_deepspeed_config"))
@@ -1796,9 +1878,10 @@ def find_checkpoint(args):
                          f"{json.dumps(written)[:300]}, this run has {json.dumps(now)[:300]}: use the same")
     if topology(saved) != topology(vars(args)) and 0 in (saved["zero_stage"], args.zero_stage):
         tp, dp, zero = topology(saved)
-        raise UsageError(f"--resume_from_checkpoint {given} was written at tp {tp} x dp {dp} with ZeRO-{zero}: "
-                         "another tp, dp or ZeRO stage goes through DeepSpeed's universal checkpoint, which needs "
-                         f"ZeRO-1 or 2 on both sides; resume with --tp_size {tp} --dp_size {dp} --zero_stage {zero}")
+        raise UsageError(f"--resume_from_checkpoint {given} was written at tp {tp} x dp {dp} with "
+                         f"ZeRO-{zero}: another tp, dp or ZeRO stage goes through DeepSpeed's universal "
+                         "checkpoint, which needs ZeRO-1 or 2 on both sides; "
+                         f"resume with --tp_size {tp} --dp_size {dp} --zero_stage {zero}")
     # checkpoints of earlier versions of this script count micro-batches
     if "samples_consumed" not in meta:
         meta["samples_consumed"] = (meta["step"] * saved["batch_size"] * saved["gradient_accumulation_steps"]
@@ -1821,8 +1904,8 @@ def save_checkpoint(engine, args, layout, step, samples, history, evals):
     torch.save(rng_state(), root / tag / f"rng_rank{layout.rank:05d}.pt")
     dist.barrier()  # every rank's files are on disk
     if layout.rank == 0:
-        meta = {"step": step, "samples_consumed": samples, "args": vars(args), "history": history, "evals": evals,
-                "deepspeed_config": engine.config}
+        meta = {"step": step, "samples_consumed": samples, "args": vars(args), "history": history,
+                "evals": evals, "deepspeed_config": engine.config}
         write_atomically(root / tag / "run.json", json.dumps(meta, indent=1))
         write_atomically(root / POINTER, tag)
         prune_checkpoints(root, args.keep_last)
@@ -1836,7 +1919,8 @@ def prune_checkpoints(root, keep_last):
     dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_")]
     complete = sorted((d for d in dirs if (d / "run.json").is_file() and not d.name.endswith(UNIVERSAL)),
                       key=lambda d: (d / "run.json").stat().st_mtime)
-    doomed = [d for d in dirs if not (d / "run.json").is_file()] + (complete[:-keep_last] if keep_last else [])
+    doomed = ([d for d in dirs if not (d / "run.json").is_file()]
+              + (complete[:-keep_last] if keep_last else []))
     for d in doomed + [d.with_name(d.name + UNIVERSAL) for d in doomed]:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -1860,18 +1944,18 @@ def universal_checkpoint(path, layout):
     from deepspeed.checkpoint import ds_to_universal
     with written_whole(target) as partial:
         with open(partial / "convert.log", "w") as out, contextlib.redirect_stdout(out):
-            ds_to_universal.main(argparse.Namespace(input_folder=str(path), output_folder=str(partial), strict=True,
-                                                    num_extract_workers=4, num_merge_workers=2,
+            ds_to_universal.main(argparse.Namespace(input_folder=str(path), output_folder=str(partial),
+                                                    strict=True, num_extract_workers=4, num_merge_workers=2,
                                                     keep_temp_folder=False, inject_missing_state=False))
-        (path.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer: the tag is passed
+        (path.parent / "latest_universal").unlink(missing_ok=True)  # converter's pointer: the tag is passed
         shutil.copy2(path / "run.json", partial / "run.json")
     return target
 
 
 @contextlib.contextmanager
 def written_whole(target):
-    """A directory written as target.partial and renamed to target once complete, so that neither a reader nor a
-    later run ever takes a half-written one (an interrupted run's .partial is cleared first)."""
+    """A directory written as target.partial and renamed to target once complete, so that neither a reader nor
+    a later run ever takes a half-written one (an interrupted run's .partial is cleared first)."""
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -1895,7 +1979,7 @@ def load_checkpoint(engine, path, layout):
         raise UsageError(f"DeepSpeed could not load the checkpoint at {path}")
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO's
     for param, state in (base.state.items() if base is not None and base.defaults.get("fused") else ()):
-        if torch.is_tensor(state.get("step")):  # a universal checkpoint restores AdamW's step counts on the host;
+        if torch.is_tensor(state.get("step")):  # a universal checkpoint restores AdamW's step counts on CPU;
             state["step"] = state["step"].to(param.device)  # the fused AdamW wants them beside the weights
     if path.name.endswith(UNIVERSAL):
         dropout = any(m.p > 0 for m in engine.module.modules() if isinstance(m, torch.nn.Dropout))
@@ -1954,13 +2038,14 @@ def train(engine, blocks, layout, args, device, meter, resumed=None, clock=None)
     first = resumed["step"] + 1 if resumed else 1
     history, evals = (resumed["history"], resumed["evals"]) if resumed else ([], [])
     samples = resumed["samples_consumed"] if resumed else 0  # where this rank's reading of the data resumes:
-    skip = samples // (args.batch_size * layout.dp)  # exactly, when the global batch is the one of the checkpoint
+    skip = samples // (args.batch_size * layout.dp)  # exactly, when the global batch is the checkpoint's
     data_wait = [0.0]  # host seconds spent waiting for the next batch
-    batches = timed(train_batches(blocks["train"], layout, args.batch_size, args.global_batch_size, args.seed, device,
-                                  skip=skip), data_wait)
+    batches = timed(train_batches(blocks["train"], layout, args.batch_size, args.global_batch_size, args.seed,
+                                  device, skip=skip), data_wait)
     stop = StopSignal()
-    first_bad = torch.full((), math.inf, device=device)  # first step with a non-finite loss/grad norm, on device
-    bar = tqdm(total=args.num_steps, initial=first - 1, unit="step", disable=None if layout.rank == 0 else True)
+    first_bad = torch.full((), math.inf, device=device)  # step of first non-finite loss/grad norm, on device
+    bar = tqdm(total=args.num_steps, initial=first - 1, unit="step",
+               disable=None if layout.rank == 0 else True)
     window_start, window_steps = time.perf_counter(), 0
     for step in range(first, args.num_steps + 1):
         lr = engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside engine.step
@@ -1991,7 +2076,8 @@ def train(engine, blocks, layout, args, device, meter, resumed=None, clock=None)
             evals.append(evaluate(engine, blocks["validation"], layout, args, device, step))
         if stopping or (args.save_interval and (step % args.save_interval == 0 or step == args.num_steps)):
             check_finite(first_bad)  # never checkpoint a diverged model
-            log(layout, f"saved checkpoint {save_checkpoint(engine, args, layout, step, samples, history, evals)}")
+            log(layout, "saved checkpoint "
+                        f"{save_checkpoint(engine, args, layout, step, samples, history, evals)}")
         window_start += time.perf_counter() - pause_start
         if stopping:
             log(layout, f"received {stop.received}: stopped after step {step} with a checkpoint; continue "
@@ -2024,11 +2110,13 @@ def evaluate(engine, dataset, layout, args, device, step):
     for batch in DataLoader(dataset, batch_size=args.batch_size, sampler=shard):
         input_ids = batch["input_ids"].to(device)
         loss = engine(input_ids=input_ids, labels=input_ids).loss
-        totals += torch.stack([loss.double() * len(input_ids), torch.tensor(len(input_ids), device=device).double()])
+        totals += torch.stack([loss.double() * len(input_ids),
+                               torch.tensor(len(input_ids), device=device).double()])
     dist.all_reduce(totals, group=engine.data_parallel_group)
     engine.train()
     loss = (totals[0] / totals[1]).item()
-    record = {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 80.0)), "blocks": int(totals[1].item())}
+    record = {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 80.0)),
+              "blocks": int(totals[1].item())}
     log(layout, f"eval  {step:5d} | loss {loss:.4f} | perplexity {record['perplexity']:.2f}")
     report(engine, "eval", record)
     return record
@@ -2038,7 +2126,7 @@ def evaluate(engine, dataset, layout, args, device, step):
 class Meter:
     """What turns a measured step time into the logged throughput figures; fixed for the run."""
     tokens_per_step: int
-    flops_per_token: float  # 6 N + 12 L H S: N parameters outside the embeddings, L layers, H hidden, S sequence
+    flops_per_token: float  # 6 N + 12 L H S: N non-embedding parameters, L layers, H hidden, S sequence
     peak_flops: float | None  # of all the run's accelerators together; None (CPU, unknown GPU): no MFU
     device: torch.device
 
@@ -2054,7 +2142,8 @@ class Meter:
     def record(self, engine, step, loss, lr, step_time):
         grad_norm = engine.get_global_grad_norm()
         tokens_per_s = self.tokens_per_step / step_time
-        return {"step": step, "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+        return {"step": step, "loss": loss, "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
                 "step_time_s": step_time, "tokens_per_s": tokens_per_s,
                 "mfu": self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None,
                 "peak_memory_gib": peak_memory_gib(self.device)}
@@ -2074,20 +2163,22 @@ class Clock:
         self.phases[phase], self.last = round(now - self.last, 3), now
         anonymous = HostMemory.read()
         memory = f"host memory {anonymous / 2 ** 30:.1f} GiB" if anonymous is not None else ""
-        log(self.layout, f"start-up: {phase} {self.phases[phase]:.1f} s ({'; '.join(filter(None, [detail, memory]))})")
+        log(self.layout, f"start-up: {phase} {self.phases[phase]:.1f} s "
+                         f"({'; '.join(filter(None, [detail, memory]))})")
 
     def first_step(self):
         self.lap("first step", "compilation included where it is on")
         self.first_step_s = round(self.last - self.started, 3)
-        log(self.layout, f"start-up: the first step ended {self.first_step_s:.1f} s after the process started")
+        log(self.layout, f"start-up: the first step ended {self.first_step_s:.1f} s "
+                         "after the process started")
 
     def summary(self):
         return self.phases | {"first_step_s": self.first_step_s} | self.figures
 
 
 class HostMemory:
-    """Peak anonymous resident memory of this process (RssAnon: what it allocated itself, not the file pages it
-    maps, such as a memory-mapped checkpoint, which ru_maxrss counts too), sampled every 20 ms on a thread.
+    """Peak anonymous resident memory of this process (RssAnon: what it allocated itself, not the file pages
+    it maps, such as a memory-mapped checkpoint, which ru_maxrss counts too), sampled every 20 ms on a thread.
     None where the system has no /proc."""
 
     def __init__(self):
@@ -2095,7 +2186,7 @@ class HostMemory:
         if self.peak is not None:
             watcher = threading.Thread(target=self.watch, daemon=True)
             watcher.start()
-            atexit.register(lambda: (self.stopped.set(), watcher.join()))  # not still reading while Python exits
+            atexit.register(lambda: (self.stopped.set(), watcher.join()))  # not reading while Python exits
 
     @staticmethod
     def read():
@@ -2173,7 +2264,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     config = load_config(args)
-    shapes_only = meta_model(config, args.trust_remote_code)  # the specs are checked on it before any weight loads
+    shapes_only = meta_model(config, args.trust_remote_code)  # specs checked on it before any weight loads
     # 1. The layer specs: the built-in GPT-NeoX ones, a spec file, a DeepSpeed preset or the model's tp_plan.
     source = spec_source(args, config, shapes_only)
     # 2. The rank layout: tp x dp processes, and the values derived from it.
@@ -2184,8 +2275,8 @@ def main(argv=None):
     warn_about_source(source, config, layout, args)
     if args.dry_run:  # (optional) the plan and the memory per rank, then stop
         if plan is None:
-            raise UsageError(f"--dry_run needs the specs before deepspeed.initialize, and {source.name} decides "
-                             "only inside it: use --verify_tp on a short run instead")
+            raise UsageError(f"--dry_run needs the specs before deepspeed.initialize, and {source.name} "
+                             "decides only inside it: use --verify_tp on a short run instead")
         return dry_run(shapes_only, plan, source, layout, args) | print_layouts(args, config, layout)
     advise_smaller_tp(args, config, layout)
     check_output_dir(args.output_dir)
@@ -2207,27 +2298,31 @@ def main(argv=None):
     device = init_distributed(args.local_rank)
     clock.lap("process group", f"{layout.world_size} ranks on {device.type}")
     if universal:  # (optional) resume at another topology: convert the checkpoint once
-        log(layout, "{} was written at tp {} x dp {} (ZeRO-{}), resuming at tp {} x dp {} (ZeRO-{}) through a "
-                    "universal checkpoint".format(resume_path, *topology(resumed["args"]), *topology(vars(args))))
+        log(layout, "{} was written at tp {} x dp {} (ZeRO-{}), resuming at tp {} x dp {} (ZeRO-{}) through "
+                    "a universal checkpoint".format(resume_path, *topology(resumed["args"]),
+                                                    *topology(vars(args))))
         resume_path = leader_first(lambda: universal_checkpoint(resume_path, layout), layout.rank == 0)
     if resumed is not None and resumed["samples_consumed"] != resumed["step"] * args.global_batch_size:
         log(layout, f"the global batch is now {args.global_batch_size} sequences: the data goes on after the "
-                    f"{resumed['samples_consumed']} samples the checkpoint consumed, not where this batch would be")
+                    f"{resumed['samples_consumed']} samples the checkpoint consumed, "
+                    "not where this batch would be")
     tokenizer, blocks = leader_first(lambda: prepare_data(args), args.local_rank == 0)
     if len(tokenizer) > config.vocab_size:
-        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens, the model only {config.vocab_size} embeddings")
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens, "
+                         f"the model only {config.vocab_size} embeddings")
     if fit_micro_batch_to_data(args, layout, len(blocks["train"])):  # the one setting the data decides
         ds_config = run_ds_config(args, source, not evaluate_only, universal)
     check_data_size(blocks, args)
     clock.lap("data", f"{len(blocks['train']):,} training blocks of {args.seq_length} tokens")
     model_stats = model_statistics(shapes_only, args.seq_length)
     log(layout, describe_run(args, layout, config, model_stats, ds_config, device))
-    log(layout, plan_table(plan, source, layout.tp)[1] if plan else f"AutoTP partition: {source.name}, read off "
-                "the model once sharded")
-    # 4. deepspeed.initialize: AutoTP shards the empty model, ZeRO wraps the optimizer, each rank loads its shards.
+    log(layout, plan_table(plan, source, layout.tp)[1] if plan
+                else f"AutoTP partition: {source.name}, read off the model once sharded")
+    # 4. deepspeed.initialize: AutoTP shards the empty model, ZeRO wraps the optimizer, ranks load shards.
     probe = blocks["train"][0]["input_ids"][None, :VERIFY_TOKENS]  # the first training sequence
-    engine, reference = build_sharded_model(args, config, shapes_only, layout, ds_config, device, clock, source.name,
-                                            training=not evaluate_only, probe=probe if args.verify_tp else None)
+    engine, reference = build_sharded_model(args, config, shapes_only, layout, ds_config, device, clock,
+                                            source.name, training=not evaluate_only,
+                                            probe=probe if args.verify_tp else None)
     if plan is None:
         plan = source.plan(shapes_only, layout.tp, args.vocab_parallel, sharded=engine.module)
         log(layout, plan_table(plan, source, layout.tp)[1])
@@ -2238,7 +2333,7 @@ def main(argv=None):
     if resume_path:  # (optional)
         load_checkpoint(engine, resume_path, layout)
         log(layout, f"resumed from {resume_path} after step {resumed['step']}")
-    if args.compile:  # (optional, the GPU default) after verify_tp: its hooks read every module's output eagerly
+    if args.compile:  # (optional, GPU default) after verify_tp: its hooks read every module's output eagerly
         log(layout, f"torch.compile: {compile_blocks(engine.module)}, compiled during the first step")
     elif args.deepcompile:  # (optional) the whole model, TP collectives in the graph
         engine.compile()
@@ -2255,22 +2350,22 @@ def main(argv=None):
         log(layout, f"exported the model (all TP shards gathered) to {export_dir}")
     results = collect_results(args, layout, model_stats, history, evals, host_memory, startup=clock.summary(),
                               verify_tp=verified, stopped_by=stopped_by,
-                              resumed_from=resumed and str(resume_path), export_dir=export_dir and str(export_dir),
-                              deepspeed_config=engine.config)
+                              resumed_from=resumed and str(resume_path),
+                              export_dir=export_dir and str(export_dir), deepspeed_config=engine.config)
     if layout.rank == 0:
         write_results(results, Path(args.output_dir))
-    dist.barrier()  # leave together: a rank tearing down its process group while rank 0 still writes can abort it
+    dist.barrier()  # leave together: a rank tearing down its process group while rank 0 writes can abort it
     return results
 
 
 def model_statistics(model, seq_length):
-    """Parameters, those outside the input embedding and output head (N), and the FLOPs per token of a training
-    step, 6 N + 12 L H S (L layers, H hidden, S sequence: the attention scores)."""
+    """Parameters, those outside the input embedding and output head (N), and the FLOPs per token of a
+    training step, 6 N + 12 L H S (L layers, H hidden, S sequence: the attention scores)."""
     embeddings = {model.get_input_embeddings().weight, model.get_output_embeddings().weight}
     n_non_embedding = sum(p.numel() for p in model.parameters() if p not in embeddings)
-    return {"parameters": sum(p.numel() for p in model.parameters()), "non_embedding_parameters": n_non_embedding,
-            "flops_per_token": 6 * n_non_embedding + 12 * model.config.num_hidden_layers * model.config.hidden_size
-            * seq_length}
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "non_embedding_parameters": n_non_embedding, "flops_per_token": 6 * n_non_embedding
+            + 12 * model.config.num_hidden_layers * model.config.hidden_size * seq_length}
 
 
 def describe_run(args, layout, config, model_stats, ds_config, device):
@@ -2282,12 +2377,12 @@ def describe_run(args, layout, config, model_stats, ds_config, device):
         f"layout: world {layout.world_size} = tp {layout.tp} x dp {layout.dp}; TP groups "
         f"{[list(range(d * layout.tp, (d + 1) * layout.tp)) for d in range(layout.dp)]}, DP groups "
         f"{[list(range(t, layout.world_size, layout.tp)) for t in range(layout.tp)]}",
-        f"model: {args.model_name}, {n_params / 1e6:,.1f}M parameters ({n_non_embedding / 1e6:,.1f}M non-embedding), "
-        f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads, "
-        f"{args.precision}",
-        f"batch: {args.batch_size} per rank{sized} x {args.gradient_accumulation_steps} accumulation x {layout.dp} DP = "
-        f"{args.global_batch_size} sequences of {args.seq_length} = {args.tokens_per_step:,} tokens per step, "
-        f"{args.num_steps} steps",
+        f"model: {args.model_name}, {n_params / 1e6:,.1f}M parameters "
+        f"({n_non_embedding / 1e6:,.1f}M non-embedding), {config.num_hidden_layers} layers, "
+        f"hidden {config.hidden_size}, {config.num_attention_heads} heads, {args.precision}",
+        f"batch: {args.batch_size} per rank{sized} x {args.gradient_accumulation_steps} accumulation "
+        f"x {layout.dp} DP = {args.global_batch_size} sequences of {args.seq_length} "
+        f"= {args.tokens_per_step:,} tokens per step, {args.num_steps} steps",
         "deepspeed config: " + json.dumps(ds_config),
     ])
 
@@ -2295,15 +2390,17 @@ def describe_run(args, layout, config, model_stats, ds_config, device):
 def collect_results(args, layout, model_stats, history, evals, host_memory, **outcome):
     host_peaks = [None] * layout.world_size  # peak anonymous resident memory of each rank's process
     dist.all_gather_object(host_peaks, host_memory.peak_gib())
-    return {"args": vars(args), "layout": asdict(layout) | {"tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank},
+    return {"args": vars(args),
+            "layout": asdict(layout) | {"tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank},
             "model": model_stats, "train": history, "eval": evals, "throughput": throughput_summary(history),
             "host_memory_gib_per_rank": host_peaks, **outcome,
             "versions": library_versions()}
 
 
 def library_versions():
-    return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__, "datasets": datasets.__version__}
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+            "datasets": datasets.__version__}
 
 
 def write_results(results, output_dir):

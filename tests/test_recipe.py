@@ -1,6 +1,6 @@
 """The recipe section ("Copy this part") copies as it stands: with the script's imports and nothing else it
 defines every name it uses, and run alone, driven by a few lines of its own, it trains a tiny GPT-NeoX at tp 2
-under torchrun (CPU) with the losses the script's own functions give.
+under torchrun (CPU) with the losses the script's own functions give; and the file keeps to 110 columns.
 
 Run: python -m pytest tests/test_recipe.py -q
 """
@@ -36,3 +36,9 @@ def test_the_recipe_alone_trains_as_the_script_does(tmp_path):
     assert result["tp"] == 2 and all(math.isfinite(x) for x in result["recipe"])
     assert result["recipe"] == result["script"], result
     assert result["recipe"][-1] < result["recipe"][0], result
+
+
+def test_the_file_keeps_to_110_columns():
+    long = [n for n, line in enumerate((ROOT / "autotp_custom_patterns.py").read_text().splitlines(), 1)
+            if len(line) > 110]
+    assert not long, f"lines over 110 columns: {long[:10]}"
