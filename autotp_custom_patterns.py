@@ -381,7 +381,9 @@ def parse_args(argv=None):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, on rank 0, every rank leaving together (see the end of the file)
+    """argparse, its errors raised as UsageError: one line on rank 0, every rank leaving together."""
+
+    def error(self, message):
         raise UsageError(message.replace("argument ", "", 1))
 
 
@@ -396,15 +398,14 @@ def checked(kind, accept, what):
     return parse
 
 
-POSITIVE_INT, POSITIVE = (checked(int, lambda v: v > 0, "positive"),
-                          checked(float, lambda v: v > 0, "positive"))
-COUNT, NON_NEGATIVE = (checked(int, lambda v: v >= 0, "zero or positive"),
-                       checked(float, lambda v: v >= 0, "zero or positive"))
+POSITIVE_INT = checked(int, lambda v: v > 0, "positive")
+POSITIVE = checked(float, lambda v: v > 0, "positive")
+COUNT = checked(int, lambda v: v >= 0, "zero or positive")
+NON_NEGATIVE = checked(float, lambda v: v >= 0, "zero or positive")
 
 
 def existing_file(suffixes=None):
-    """An argparse type for a file the run reads: it must exist, hold something, and (suffixes) be of a known
-    kind."""
+    """An argparse type: a file that exists, is not empty and (given suffixes) is of a kind the run reads."""
     def parse(path):
         if suffixes and Path(path).suffix not in suffixes:
             raise argparse.ArgumentTypeError(f"{path}: use one of {', '.join(suffixes)}")
@@ -549,8 +550,7 @@ def build_parser():
 
 
 def builtin_shape(name):
-    """NAME of a --model_name builtin:NAME (a Pythia shape with random weights), None for a hub id or
-    directory."""
+    """NAME of a --model_name builtin:NAME (a Pythia shape with random weights), else None."""
     return name[len(BUILTIN_PREFIX):] if name.startswith(BUILTIN_PREFIX) else None
 
 
@@ -632,8 +632,8 @@ def set_global_batch(args, layout):
 
 def vocab_parallel_refusal(config, shapes_only, tp, deepcompile):
     """Why the vocabulary-parallel head cannot apply here, or None where it does: it needs tp > 1, a tp that
-    divides the vocabulary, and an output head that is a Linear of its own named lm_head or embed_out (the
-    ones DeepSpeed splits), not tied to the input embedding."""
+    divides the vocabulary, and an output head that is a Linear of its own with a name DeepSpeed splits
+    (AutoTPConfig's lm_head_patterns), not tied to the input embedding."""
     if tp == 1:
         return "tp is 1"
     if deepcompile:
@@ -643,8 +643,9 @@ def vocab_parallel_refusal(config, shapes_only, tp, deepcompile):
     if shapes_only is not None:
         head = shapes_only.get_output_embeddings()
         name = next((n for n, m in shapes_only.named_modules() if m is head), "").split(".")[-1]
-        if not isinstance(head, torch.nn.Linear) or name not in ("lm_head", "embed_out"):
-            return "the model has no Linear output head named lm_head or embed_out"
+        heads = AutoTPConfig().lm_head_patterns
+        if not isinstance(head, torch.nn.Linear) or name not in heads:
+            return f"the model has no Linear output head named {' or '.join(heads)}"
         if head.weight is shapes_only.get_input_embeddings().weight:
             return "the output head shares its weight with the input embedding"
     return None
