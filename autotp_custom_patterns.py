@@ -448,7 +448,7 @@ def build_parser():
     a("--shard_on_load", action=argparse.BooleanOptionalAction, default=None,
       help="slice the empty model on the host and write each rank's shards straight to its device, so that "
            "no device ever holds the whole model. Default: on where the model's weights do not fit "
-           f"{STAGING_FRACTION:.0%} of one GPU's free memory, and on CPU; --no-shard_on_load stages it on "
+           f"{STAGING_FRACTION:.0%}% of one GPU's free memory, and on CPU; --no-shard_on_load stages it on "
            "the GPU")
     a("--trust_remote_code", action="store_true", help="allow model/tokenizer code from the hub")
     a("--partition_config", same_on_resume=True, default=None,

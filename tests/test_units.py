@@ -239,6 +239,14 @@ def test_bad_arguments_name_what_to_change(argv, message):
         S.check_args(args_for(*argv))
 
 
+def test_help_lists_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit:
+        S.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exit.value.code == 0 and "--shard_on_load" in text and "80% of one GPU's free memory" in text
+    assert "--seq_length SEQ_LENGTH tokens per training sequence (default: 512)" in text  # this machine's
+
+
 def test_empty_files_are_rejected(tmp_path):
     (tmp_path / "train.txt").write_text("")
     (tmp_path / "val.jsonl").write_text("")
