@@ -2353,8 +2353,7 @@ def main(argv=None):
                               verify_tp=verified, stopped_by=stopped_by,
                               resumed_from=resumed and str(resume_path),
                               export_dir=export_dir and str(export_dir), deepspeed_config=engine.config)
-    if layout.rank == 0:
-        write_results(results, Path(args.output_dir))
+    write_results(results, Path(args.output_dir), layout)
     dist.barrier()  # leave together: a rank tearing down its process group while rank 0 writes can abort it
     return results
 
@@ -2404,12 +2403,14 @@ def library_versions():
             "datasets": datasets.__version__}
 
 
-def write_results(results, output_dir):
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {output_dir / 'results.json'}", flush=True)
-    if results["train"]:
-        plot = plot_losses(results["train"], results["eval"], output_dir / "loss_curve.png")
-        print(f"wrote {plot}" if plot else "no loss_curve.png: pip install matplotlib to get one", flush=True)
+def write_results(results, output_dir, layout):
+    """results.json and loss_curve.png, by rank 0."""
+    if layout.rank == 0:
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        log(layout, f"wrote {output_dir / 'results.json'}")
+        if results["train"]:
+            plot = plot_losses(results["train"], results["eval"], output_dir / "loss_curve.png")
+            log(layout, f"wrote {plot}" if plot else "no loss_curve.png: pip install matplotlib to get one")
 
 
 if __name__ == "__main__":
