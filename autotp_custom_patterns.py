@@ -61,6 +61,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
+import traceback
 import time
 import urllib.parse
 from dataclasses import asdict, dataclass
@@ -1211,11 +1212,11 @@ def leader_first(fn, leader):
             error = exc
     messages = [None] * dist.get_world_size()
     dist.all_gather_object(messages, None if error is None else str(error))
-    if error is not None:
-        raise error
+    if error is not None and not isinstance(error, UsageError):
+        traceback.print_exception(error)  # a fault, not bad input: the leader shows where
     first = next((m for m in messages if m), None)
     if first:
-        raise UsageError(first)
+        raise UsageError(first)  # the same on every rank, so that all leave together
     return result if leader else fn()
 
 
@@ -1943,11 +1944,18 @@ def universal_checkpoint(path, layout):
         return target
     log(layout, f"converting {path} to a universal checkpoint (once; kept as {target})")
     from deepspeed.checkpoint import ds_to_universal
+    # Written at tp 1, the checkpoint has no AutoTP record of how its weights split (nothing was split); the
+    # converter then needs only the version stamp that inject_missing_state adds.
+    written_at_tp1 = json.loads((path / "run.json").read_text())["args"]["tp_size"] == 1
     with written_whole(target) as partial:
         with open(partial / "convert.log", "w") as out, contextlib.redirect_stdout(out):
-            ds_to_universal.main(argparse.Namespace(input_folder=str(path), output_folder=str(partial),
-                                                    strict=True, num_extract_workers=4, num_merge_workers=2,
-                                                    keep_temp_folder=False, inject_missing_state=False))
+            try:
+                ds_to_universal.main(argparse.Namespace(
+                    input_folder=str(path), output_folder=str(partial), strict=True, num_extract_workers=4,
+                    num_merge_workers=2, keep_temp_folder=False, inject_missing_state=written_at_tp1))
+            except AssertionError as exc:  # DeepSpeed's checks of what it can convert
+                raise UsageError(f"DeepSpeed cannot convert {path} to a universal checkpoint: "
+                                 f"{exc}") from None
         (path.parent / "latest_universal").unlink(missing_ok=True)  # converter's pointer: the tag is passed
         shutil.copy2(path / "run.json", partial / "run.json")
     return target

@@ -157,7 +157,7 @@ def test_resume_at_tp4_dp1_continues_the_run_and_reuses_its_conversion(tmp_path,
     assert_same_losses_after(again, reference, 8, TOPOLOGY_TOL)
 
 
-def test_a_conversion_killed_part_way_is_redone_at_tp1_dp2(tmp_path, cache, uninterrupted, killed):
+def test_a_conversion_killed_part_way_is_redone_at_tp1_dp2_and_back(tmp_path, cache, uninterrupted, killed):
     _, reference = uninterrupted
     checkpoints_of(killed, tmp_path)
     step8 = tmp_path / "checkpoints" / "step_0000008"
@@ -172,6 +172,12 @@ def test_a_conversion_killed_part_way_is_redone_at_tp1_dp2(tmp_path, cache, unin
     assert "resuming at tp 1 x dp 2 (ZeRO-2)" in proc.stdout and "converting" in proc.stdout
     assert not partial.exists()
     assert_same_losses_after(resumed, reference, 8, TOPOLOGY_TOL)
+    # and back to tp 2 x dp 2 from this run's step 12: a checkpoint written at tp 1, where AutoTP left no record
+    proc, back = run_script(4, tmp_path, cache, *RUN, "--skip_export", "--resume_from_checkpoint",
+                            tmp_path / "checkpoints" / "step_0000012")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "written at tp 1 x dp 2 (ZeRO-2), resuming at tp 2 x dp 2" in proc.stdout
+    assert_same_losses_after(back, reference, 12, TOPOLOGY_TOL)
 
 
 def test_export_only_from_a_checkpoint_of_another_topology(tmp_path, cache, killed):
