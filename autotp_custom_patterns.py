@@ -79,7 +79,7 @@ from deepspeed.accelerator import get_accelerator
 # the AutoTP layer keeps on it. The per-rank loading below uses it so that no split rule is written twice.
 from deepspeed.checkpoint.universal_checkpoint import _resolve_autotp_partition
 from deepspeed.module_inject.autotp_config import AutoTPConfig, AutoTPPresets, PartitionType, TPLayerSpec
-from deepspeed.module_inject.layers import TensorParallel_Layer
+from deepspeed.module_inject.layers import LinearAllreduce, SubParamLinearAllreduce, TensorParallel_Layer
 from deepspeed.module_inject.tp_plan_converter import TPPlanConverter
 from deepspeed.runtime.tensor_parallel.config import _get_hf_tp_plan
 from deepspeed.runtime.config import DeepSpeedConfig
@@ -418,7 +418,8 @@ def existing_file(suffixes=None):
     return parse
 
 
-def model_name(name):
+def known_model(name):
+    """An argparse type: --model_name, with a builtin: shape that exists."""
     shape = builtin_shape(name)
     if shape is not None and shape not in BUILTIN_SHAPES:
         raise argparse.ArgumentTypeError(f"unknown built-in model {shape!r}: "
@@ -439,9 +440,10 @@ def build_parser():
         if same_on_resume:
             p.same_on_resume.append(dest)
     # model
-    a("--model_name", same_on_resume=True, type=model_name,
+    a("--model_name", same_on_resume=True, type=known_model,
       default=BUILTIN_PREFIX + ("pythia-410m" if gpu else "tiny"),
-      help=f"hub id, local directory, or builtin:NAME (random weights; NAME in {', '.join(BUILTIN_SHAPES)})")
+      help=f"hub id, local directory, or builtin:NAME (random weights; NAME in {', '.join(BUILTIN_SHAPES)}); "
+           "builtin:pythia-410m on a machine with a GPU, builtin:tiny without")
     a("--tokenizer_name", same_on_resume=True, default=None,
       help="tokenizer to use instead of the model's own")
     a("--random_init", action="store_true",
@@ -449,8 +451,8 @@ def build_parser():
     a("--shard_on_load", action=argparse.BooleanOptionalAction, default=None,
       help="slice the empty model on the host and write each rank's shards straight to its device, so that "
            "no device ever holds the whole model. Default: on where the model's weights do not fit "
-           f"{STAGING_FRACTION:.0%}% of one GPU's free memory, and on CPU; --no-shard_on_load stages it on "
-           "the GPU")
+           f"{100 * STAGING_FRACTION:.0f}%% of one GPU's free memory, and on CPU; --no-shard_on_load stages "
+           "it on the GPU")
     a("--trust_remote_code", action="store_true", help="allow model/tokenizer code from the hub")
     a("--partition_config", same_on_resume=True, default=None,
       help="where the layer specs come from: a JSON file (DeepSpeed's partition_config), preset:NAME "
@@ -506,7 +508,7 @@ def build_parser():
            "activations fit beside the model states (estimated, printed)")
     a("--gradient_accumulation_steps", type=POSITIVE_INT, default=1, help="micro-batches per step")
     a("--seq_length", same_on_resume=True, type=POSITIVE_INT, default=2048 if gpu else 512,
-      help="tokens per training sequence")
+      help="tokens per training sequence: 2048 on a machine with a GPU, 512 without")
     a("--num_steps", type=COUNT, default=50, help="optimizer steps; 0 evaluates only")
     a("--learning_rate", type=POSITIVE, default=1e-4, help="peak learning rate (AdamW)")
     a("--weight_decay", type=NON_NEGATIVE, default=0.01,
@@ -601,14 +603,16 @@ def choose_layout(args, config):
     return layout
 
 
-def derive_args(args, layout, config=None, shapes_only=None):
+def derive_args(args, layout, config=None, shapes_only=None, source=None):
     """The values that follow from the flags, the machine, the layout and the model, computed once and kept in
     args (and so in results.json): tp and dp, the TP accelerations and --compile, the default warmup and
     micro-batch (sized to the GPU's memory), the batch arithmetic and the user's DeepSpeed settings. A default
-    that does not apply to this model or layout is turned off with one line saying why, never refused."""
+    that does not apply to this model or layout is turned off with one line saying why, never refused.
+    source: where the specs come from (its partition_config may name the output heads DeepSpeed splits)."""
     args.tp_size, args.dp_size = layout.tp, layout.dp
     check_tp_features(args, layout)
-    why_not = vocab_parallel_refusal(config, shapes_only, layout.tp, args.deepcompile)
+    heads = (source and source.tp_config or AutoTPConfig()).lm_head_patterns
+    why_not = vocab_parallel_refusal(config, shapes_only, layout.tp, args.deepcompile, heads)
     if args.vocab_parallel and why_not:
         raise UsageError(f"--vocab_parallel cannot apply: {why_not}; use --no-vocab_parallel")
     if args.vocab_parallel is None:  # on by default where it applies
@@ -631,10 +635,10 @@ def set_global_batch(args, layout):
     args.tokens_per_step = args.global_batch_size * args.seq_length
 
 
-def vocab_parallel_refusal(config, shapes_only, tp, deepcompile):
+def vocab_parallel_refusal(config, shapes_only, tp, deepcompile, heads=("lm_head", "embed_out")):
     """Why the vocabulary-parallel head cannot apply here, or None where it does: it needs tp > 1, a tp that
     divides the vocabulary, and an output head that is a Linear of its own with a name DeepSpeed splits
-    (AutoTPConfig's lm_head_patterns), not tied to the input embedding."""
+    (heads: the partition_config's lm_head_patterns), not tied to the input embedding."""
     if tp == 1:
         return "tp is 1"
     if deepcompile:
@@ -644,7 +648,6 @@ def vocab_parallel_refusal(config, shapes_only, tp, deepcompile):
     if shapes_only is not None:
         head = shapes_only.get_output_embeddings()
         name = next((n for n, m in shapes_only.named_modules() if m is head), "").split(".")[-1]
-        heads = AutoTPConfig().lm_head_patterns
         if not isinstance(head, torch.nn.Linear) or name not in heads:
             return f"the model has no Linear output head named {' or '.join(heads)}"
         if head.weight is shapes_only.get_input_embeddings().weight:
@@ -820,9 +823,8 @@ class SpecSource:
             return plan_partition(model, self.tp_config, tp, vocab_parallel, self.every_spec_matches)
         if sharded is None:
             return None
-        layers = {name: type(m).__name__ for name, m in sharded.named_modules()
-                  if isinstance(m, TensorParallel_Layer)}
-        return walk_plan(model, tp, lambda name, _: layers.get(name) and parser_spec(layers[name]))
+        layers = {name: type(m) for name, m in sharded.named_modules() if isinstance(m, TensorParallel_Layer)}
+        return walk_plan(model, tp, lambda name, _: parser_spec(layers[name]) if name in layers else None)
 
 
 PRESETS = [name for name in vars(AutoTPPresets)
@@ -914,8 +916,9 @@ def warn_about_source(source, config, layout, args):
 
 @functools.cache
 def parser_spec(layer):
-    """The spec of a layer type DeepSpeed's parser swapped in (row-parallel: the all-reduce after it)."""
-    return TPLayerSpec(patterns=[f"({layer})"], partition_type="row" if "Allreduce" in layer else "column")
+    """The spec of a layer class DeepSpeed's parser swapped in: row-parallel where an all-reduce follows."""
+    row = issubclass(layer, (LinearAllreduce, SubParamLinearAllreduce))
+    return TPLayerSpec(patterns=[f"({layer.__name__})"], partition_type="row" if row else "column")
 
 
 PARTITION_CONFIG_KEYS = {f.name for f in dataclasses.fields(AutoTPConfig)}  # DeepSpeed partition_config keys
@@ -1009,10 +1012,11 @@ VOCAB_PARALLEL_HEAD = TPLayerSpec(patterns=["(the output head, --vocab_parallel)
 def walk_plan(model, tp, spec_for):
     """Map every parameter of the modules AutoTP routes through the specs (those with a 2-D weight: Linears,
     embeddings) to (spec_for(name, module) or None, global shape, expected per-rank shape)."""
-    plan = {}
+    plan, seen = {}, set()
     for module_name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and id(weight) not in seen:
+            seen.add(id(weight))  # a tied head is its embedding: planned once, under the embedding's name
             spec = spec_for(module_name, module)
             for kind, param in module.named_parameters(recurse=False):
                 plan[f"{module_name}.{kind}"] = (spec, tuple(param.shape),
@@ -1067,10 +1071,8 @@ def check_partition(model, plan):
                                f"(global {global_shape}); check the layer specs and the DeepSpeed version")
 
 
-def plan_table(plan, source, tp, every_weight=False):
-    """The plan as rows, one per weight (its spec numbered as in the source, type, global and per-rank shape),
-    and as text: one line per spec with a count and an example (the training log), or every row
-    (--dry_run)."""
+def plan_rows(plan, source):
+    """One row per planned weight: its spec (numbered as in the source), type, global and per-rank shape."""
     specs, rows = source.tp_config.layer_specs if source.tp_config else [], []
     for name, (spec, global_shape, local_shape) in plan.items():
         if not name.endswith(".weight"):
@@ -1080,9 +1082,14 @@ def plan_table(plan, source, tp, every_weight=False):
         rows.append({"weight": name, "type": spec.partition_type.value if spec else "replicated",
                      "spec": label + (f" shape={json.dumps(spec.shape)}" if spec and spec.shape else ""),
                      "global": global_shape, "per_rank": local_shape})
-    lines = [f"AutoTP partition (tp={tp}) from {source.name}, global -> per-rank shapes:"]
-    groups = {}
-    for r in rows:
+    return rows
+
+
+def plan_table(plan, source, tp, every_weight=False):
+    """The plan as text, grouped by spec: one line per spec with a count and an example (the training log), or
+    every weight (--dry_run)."""
+    lines, groups = [f"AutoTP partition (tp={tp}) from {source.name}, global -> per-rank shapes:"], {}
+    for r in plan_rows(plan, source):
         groups.setdefault((r["type"], r["spec"]), []).append(r)
     for (kind, spec), group in groups.items():
         if every_weight:
@@ -1091,7 +1098,7 @@ def plan_table(plan, source, tp, every_weight=False):
         else:
             lines.append(f"  {kind:10s} {spec:46s} {len(group):3d} weight{'s' * (len(group) > 1)}, e.g. "
                          f"{group[0]['weight']} {group[0]['global']} -> {group[0]['per_rank']}")
-    return rows, "\n".join(lines)
+    return "\n".join(lines)
 
 
 def tp_misfit(config, tp):
@@ -1121,7 +1128,7 @@ def dry_run(model, plan, source, layout, args):
     estimate of the memory per rank. Needs the config only (the model is on the meta device)."""
     total = sum(p.numel() for p in model.parameters())
     local = sum(math.prod(plan[n][2]) if n in plan else p.numel() for n, p in model.named_parameters())
-    rows, table = plan_table(plan, source, layout.tp, every_weight=True)
+    rows, table = plan_rows(plan, source), plan_table(plan, source, layout.tp, every_weight=True)
     memory = memory_per_rank_gib(local, layout, args)
     lines = [f"dry run: {args.model_name} ({total / 1e6:,.1f}M parameters), tp={layout.tp}, dp={layout.dp}, "
              f"ZeRO-{args.zero_stage}, {args.precision}", table,
@@ -1201,22 +1208,28 @@ def init_distributed(local_rank):
     return torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
 
 
+class LeaderFailed(Exception):
+    """A fault (not bad input) on a leader rank, raised on every rank so that all leave together (exit 1)."""
+
+
 def leader_first(fn, leader):
     """Run fn on the leader ranks (local rank 0: filling the node's caches; rank 0: a conversion), then on the
-    others (finding the work done). An error on a leader is passed to every rank, so none waits forever."""
+    others (finding the work done). An error on a leader is raised on every rank, so none waits forever."""
     error, result = None, None
     if leader:
         try:
             result = fn()
-        except Exception as exc:  # any failure, so the waiting ranks hear of it
-            error = exc
-    messages = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, None if error is None else str(error))
-    if error is not None and not isinstance(error, UsageError):
-        traceback.print_exception(error)  # a fault, not bad input: the leader shows where
-    first = next((m for m in messages if m), None)
-    if first:
-        raise UsageError(first)  # the same on every rank, so that all leave together
+        except UsageError as exc:
+            error = (True, str(exc))
+        except Exception as exc:  # a fault: the leader shows where, and every rank hears of it
+            traceback.print_exception(exc)
+            error = (False, f"{type(exc).__name__}: {exc}")
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = next((e for e in errors if e is not None), None)
+    if failed:
+        usage, message = failed
+        raise (UsageError if usage else LeaderFailed)(message)
     return result if leader else fn()
 
 
@@ -1954,8 +1967,8 @@ def universal_checkpoint(path, layout):
                     input_folder=str(path), output_folder=str(partial), strict=True, num_extract_workers=4,
                     num_merge_workers=2, keep_temp_folder=False, inject_missing_state=written_at_tp1))
             except AssertionError as exc:  # DeepSpeed's checks of what it can convert
-                raise UsageError(f"DeepSpeed cannot convert {path} to a universal checkpoint: "
-                                 f"{exc}") from None
+                raise UsageError(f"DeepSpeed cannot convert {path} to a universal checkpoint: {exc} "
+                                 f"(its log: {partial / 'convert.log'})") from None
         (path.parent / "latest_universal").unlink(missing_ok=True)  # converter's pointer: the tag is passed
         shutil.copy2(path / "run.json", partial / "run.json")
     return target
@@ -2278,7 +2291,7 @@ def main(argv=None):
     source = spec_source(args, config, shapes_only)
     # 2. The rank layout: tp x dp processes, and the values derived from it.
     layout = choose_layout(args, config)
-    derive_args(args, layout, config, shapes_only)
+    derive_args(args, layout, config, shapes_only, source)
     check_model_fits_tp(config, layout.tp, args.seq_length)
     plan = source.plan(shapes_only, layout.tp, args.vocab_parallel)
     warn_about_source(source, config, layout, args)
@@ -2325,7 +2338,7 @@ def main(argv=None):
     clock.lap("data", f"{len(blocks['train']):,} training blocks of {args.seq_length} tokens")
     model_stats = model_statistics(shapes_only, args.seq_length)
     log(layout, describe_run(args, layout, config, model_stats, ds_config, device))
-    log(layout, plan_table(plan, source, layout.tp)[1] if plan
+    log(layout, plan_table(plan, source, layout.tp) if plan
                 else f"AutoTP partition: {source.name}, read off the model once sharded")
     # 4. deepspeed.initialize: AutoTP shards the empty model, ZeRO wraps the optimizer, ranks load shards.
     probe = blocks["train"][0]["input_ids"][None, :VERIFY_TOKENS]  # the first training sequence
@@ -2334,7 +2347,7 @@ def main(argv=None):
                                             probe=probe if args.verify_tp else None)
     if plan is None:
         plan = source.plan(shapes_only, layout.tp, args.vocab_parallel, sharded=engine.module)
-        log(layout, plan_table(plan, source, layout.tp)[1])
+        log(layout, plan_table(plan, source, layout.tp))
     check_partition(engine.module, plan)
     verified = None
     if args.verify_tp:  # (optional) sharded against unsharded, module by module
@@ -2424,7 +2437,7 @@ def write_results(results, output_dir, layout):
 if __name__ == "__main__":
     try:
         main()
-    except (UsageError, Diverged) as exc:
+    except (UsageError, Diverged, LeaderFailed) as exc:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         # Every rank raised the same error: leave together, once rank 0 has said why (a rank that exits
@@ -2435,7 +2448,7 @@ if __name__ == "__main__":
             dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
         if dist.is_initialized():
             dist.barrier(group=globals().get("CPU_GROUP"))
-        sys.exit(2 if isinstance(exc, UsageError) else 3)
+        sys.exit({UsageError: 2, Diverged: 3}.get(type(exc), 1))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

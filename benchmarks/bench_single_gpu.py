@@ -44,7 +44,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def flops_per_token(model, config, seq_length):
+def flops_per_token(model, seq_length):
     import autotp_custom_patterns as S
     return S.model_statistics(model, seq_length)["flops_per_token"]
 
@@ -100,7 +100,7 @@ def baseline(args):
     elapsed = time.perf_counter() - start
     return {"tokens_per_s": args.steps * args.batch_size * args.seq_length / elapsed,
             "step_time_s": elapsed / args.steps, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
-            "flops_per_token": flops_per_token(model.module if hasattr(model, "module") else model, config,
+            "flops_per_token": flops_per_token(model.module if hasattr(model, "module") else model,
                                                args.seq_length)}
 
 

@@ -5,7 +5,9 @@
   * the same checkpoint resumed at tp=4 x dp=1 (micro-batch doubled: the same global batch) and at tp=1 x dp=2,
     through a universal checkpoint converted once: every later loss and the final eval within 1e-5 of the
     run left alone, and its export equal to the left-alone run's in plain transformers; a second resume
-    reuses the conversion; a conversion killed part-way is redone; --export_only works from either kind;
+    reuses the conversion; a conversion killed part-way is redone; the tp=1 x dp=2 run resumes back at
+    tp=2 x dp=2 (a checkpoint written at tp 1, where AutoTP left no record); --export_only works from
+    either kind;
   * SIGTERM: the ranks agree to stop, save at the step they reached, exit 0; resuming continues exactly;
   * the exported model, loaded by plain transformers in a fresh process (no DeepSpeed), gives the
     sharded model's logits (tests/export_worker.py) and, passed back as --model_name, the training

@@ -12,6 +12,7 @@ import time
 import datasets
 import pytest
 import torch
+import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 import autotp_custom_patterns as S
@@ -148,7 +149,7 @@ def test_a_spec_without_partition_type_is_column_as_in_deepspeed():
     tp_config = S.autotp_config({"layer_specs": specs})
     plan = S.plan_partition(meta_model(), tp_config, 2)
     assert plan["gpt_neox.layers.0.attention.query_key_value.weight"][2] == (96, 64)
-    assert "column     0: .*\\.attention\\.query_key_value" in S.plan_table(plan, S.SpecSource("a file", {}, tp_config), 2)[1]
+    assert "column     0: .*\\.attention\\.query_key_value" in S.plan_table(plan, S.SpecSource("a file", {}, tp_config), 2)
 
 
 def test_a_block_linear_left_unsharded_is_an_error():
@@ -215,6 +216,26 @@ def test_packing_joins_documents_with_eos_into_full_blocks(small_tokenizer):
     assert [t for b in blocks for t in b] == stream[:len(stream) // seq * seq]  # in order, nothing padded
 
 
+def test_leader_first_raises_what_a_leader_hit_on_every_rank():
+    """Whatever the leader hit comes back as an error (a UsageError as itself, any other fault as LeaderFailed
+    naming its type, even one without a message), never as a result; here on a world of one."""
+    def fault():
+        raise RuntimeError()  # no message: it must still come back as an error
+
+    def bad_input():
+        raise S.UsageError("bad input")
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert S.leader_first(lambda: 7, leader=True) == 7
+        with pytest.raises(S.LeaderFailed, match="^RuntimeError: $"):
+            S.leader_first(fault, leader=True)
+        with pytest.raises(S.UsageError, match="^bad input$"):
+            S.leader_first(bad_input, leader=True)
+    finally:
+        dist.destroy_process_group()
+
+
 # ---- arguments and config -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,message", [
@@ -244,7 +265,7 @@ def test_help_lists_every_flag_with_its_default(capsys):
         S.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert exit.value.code == 0 and "--shard_on_load" in text and "80% of one GPU's free memory" in text
-    assert "--seq_length SEQ_LENGTH tokens per training sequence (default: 512)" in text  # this machine's
+    assert f"(default: {2048 if torch.cuda.is_available() else 512})" in text  # --seq_length's, on this machine
 
 
 def test_empty_files_are_rejected(tmp_path):
