@@ -62,8 +62,5 @@ def main():
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    try:
-        main()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    from parity_worker import run_worker
+    run_worker(main)
