@@ -611,7 +611,7 @@ def derive_args(args, layout, config=None, shapes_only=None, source=None):
     source: where the specs come from (its partition_config may name the output heads DeepSpeed splits)."""
     args.tp_size, args.dp_size = layout.tp, layout.dp
     check_tp_features(args, layout)
-    heads = (source and source.tp_config or AutoTPConfig()).lm_head_patterns
+    heads = source and source.tp_config and source.tp_config.lm_head_patterns
     why_not = vocab_parallel_refusal(config, shapes_only, layout.tp, args.deepcompile, heads)
     if args.vocab_parallel and why_not:
         raise UsageError(f"--vocab_parallel cannot apply: {why_not}; use --no-vocab_parallel")
@@ -635,10 +635,12 @@ def set_global_batch(args, layout):
     args.tokens_per_step = args.global_batch_size * args.seq_length
 
 
-def vocab_parallel_refusal(config, shapes_only, tp, deepcompile, heads=("lm_head", "embed_out")):
+def vocab_parallel_refusal(config, shapes_only, tp, deepcompile, heads=None):
     """Why the vocabulary-parallel head cannot apply here, or None where it does: it needs tp > 1, a tp that
     divides the vocabulary, and an output head that is a Linear of its own with a name DeepSpeed splits
-    (heads: the partition_config's lm_head_patterns), not tied to the input embedding."""
+    (heads: the partition_config's lm_head_patterns; by default DeepSpeed's), not tied to the input
+    embedding."""
+    heads = heads or AutoTPConfig().lm_head_patterns
     if tp == 1:
         return "tp is 1"
     if deepcompile:
@@ -666,9 +668,9 @@ def fit_micro_batch_to_data(args, layout, n_blocks):
     kept, and check_data_size says what to change). Returns True if it changed."""
     if not args.micro_batch_sized or n_blocks >= args.global_batch_size:
         return False
-    while args.batch_size > 1 and args.batch_size * args.gradient_accumulation_steps * layout.dp > n_blocks:
+    while args.batch_size > 1 and args.global_batch_size > n_blocks:
         args.batch_size //= 2
-    set_global_batch(args, layout)
+        set_global_batch(args, layout)
     log(layout, f"micro-batch {args.batch_size}: the {n_blocks} training blocks fill no larger global batch")
     return True
 
@@ -1163,7 +1165,8 @@ def memory_per_rank_gib(local_params, layout, args):
 def print_layouts(args, config, layout):
     """--dry_run: every tp x dp of the world, one line each, the recommended one marked."""
     rows, memory = layout_table(args, config, layout.world_size, layout.tp)
-    where = f"{memory:.0f} GiB (85% usable)" if memory else "a GPU (give --gpu_memory_gib to judge)"
+    where = (f"{memory:.0f} GiB ({GPU_MEMORY_USABLE:.0%} usable)" if memory
+             else "a GPU (give --gpu_memory_gib to judge)")
     lines = [f"layouts of {layout.world_size} ranks at micro-batch {args.batch_size} x {args.seq_length} "
              f"tokens (estimate: model states + activations), on {where}:"]
     for r in rows:
@@ -1495,6 +1498,7 @@ class RandomWeights:
     model's own _init_weights from a generator seeded by the run's seed and the module's name. So the weights
     depend on the seed and the device type only, not on tp, dp or which loading path made them."""
     description = "random weights"
+    has_buffers = False  # the buffers are computed when the empty model is built (empty_model)
 
     def __init__(self, shapes_only, seed, device):
         self.shapes_only, self.seed, self.device = shapes_only, seed, device
@@ -1525,6 +1529,7 @@ class CheckpointWeights:
     renaming (Pythia's embed_out becomes lm_head); a checkpoint whose tensors transformers must transform
     (fuse, split) on load raises NeedsTransformers. Names and shapes are checked against the model up
     front."""
+    has_buffers = True
 
     def __init__(self, directory, shapes_only, where):
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -1573,6 +1578,8 @@ class NeedsTransformers(Exception):
 class StateDictWeights:
     """Weights transformers loaded whole on the host: for checkpoints without safetensors files."""
 
+    has_buffers = True
+
     def __init__(self, state_dict, description):
         self.state_dict, self.description = state_dict, description
 
@@ -1614,7 +1621,7 @@ def fill_weights(model, weights, tp_rank, tp, show_progress=False):
     this rank's slice, cut by the record DeepSpeed keeps on each split parameter (the one its universal
     checkpoints are restored with: the layer's own split sizes, uneven and fused layouts included)."""
     wanted = dict(model.named_parameters())
-    if not isinstance(weights, RandomWeights):
+    if weights.has_buffers:
         wanted |= persistent_buffers(model)
     left = set(wanted)
     for name, full in tqdm(weights.whole(wanted), total=len(wanted), desc="loading weights", unit="tensor",
