@@ -79,10 +79,6 @@ def check_parity(results):
     assert wrong > 1e-2, f"the wrong specs should break parity, but logits differ by only {wrong}"
 
 
-def args_for(*argv):
-    return S.parse_args(list(argv))
-
-
 def neox(heads, hidden):
     return GPTNeoXConfig(num_hidden_layers=2, hidden_size=hidden, num_attention_heads=heads,
                          intermediate_size=4 * hidden, vocab_size=1024, tie_word_embeddings=False)

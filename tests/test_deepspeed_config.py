@@ -14,7 +14,7 @@ import json
 import pytest
 
 import autotp_custom_patterns as S
-from conftest import run_script, error_line, args_for
+from conftest import run_script, error_line
 
 
 def test_a_config_of_ones_own_reaches_the_engine_and_the_csv_monitor(tmp_path, cache):
@@ -55,7 +55,7 @@ def test_a_contradiction_or_a_missing_monitor_package_stops_before_the_model_loa
 
 def config_for(tmp_path, content, *argv):
     (tmp_path / "ds.json").write_text(content)
-    args = args_for("--deepspeed_config", str(tmp_path / "ds.json"), "--output_dir", str(tmp_path), *argv)
+    args = S.parse_args(["--deepspeed_config", str(tmp_path / "ds.json"), "--output_dir", str(tmp_path), *argv])
     S.derive_args(args, S.resolve_layout(0, 4, tp=2))
     return S.merge_user_config(args, S.build_ds_config(args, {"partition_config": S.builtin_partition_config()}),
                                S.user_ds_config(args))
@@ -94,7 +94,7 @@ def test_the_same_values_merge_and_the_others_win(tmp_path):
 
 
 def test_a_resume_compares_the_settings_but_not_the_monitors(tmp_path):
-    args = args_for("--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest")
+    args = S.parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
     args.user_deepspeed_config = {"zero_optimization": {"overlap_comm": True}, "csv_monitor": {"enabled": True}}
     (tmp_path / "checkpoints" / "step_0000004").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_0000004" / "run.json").write_text(json.dumps(

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import autotp_custom_patterns as S
-from conftest import ROOT, run_script, error_line, args_for, neox, save_checkpoint
+from conftest import ROOT, run_script, error_line, neox, save_checkpoint
 
 SHORT = ["--seq_length", "32", "--num_steps", "2", "--log_interval", "1", "--eval_interval", "0", "--skip_export"]
 
@@ -47,7 +47,7 @@ def test_the_vocab_parallel_default_needs_an_untied_head_and_no_deepcompile():
         model = AutoModelForCausalLM.from_config(tied)
     assert "shares its weight" in S.vocab_parallel_refusal(tied, model, 2, False)
     assert "DeepCompile" in S.vocab_parallel_refusal(tied, None, 2, True)
-    args = args_for("--tp_size", "2")
+    args = S.parse_args(["--tp_size", "2"])
     S.derive_args(args, S.resolve_layout(0, 2, tp=2), neox(4, 64))
     assert args.vocab_parallel is True
 
@@ -55,11 +55,11 @@ def test_the_vocab_parallel_default_needs_an_untied_head_and_no_deepcompile():
 def test_deepcompile_is_refused_on_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(S.UsageError, match="--deepcompile is refused on GPUs: measured on 2 H200s"):
-        S.check_tp_features(args_for("--deepcompile", "--no-vocab_parallel"), S.resolve_layout(0, 2, tp=2))
+        S.check_tp_features(S.parse_args(["--deepcompile", "--no-vocab_parallel"]), S.resolve_layout(0, 2, tp=2))
 
 
 def test_a_sized_micro_batch_shrinks_to_the_data():
-    args = args_for("--batch_size", "16")
+    args = S.parse_args(["--batch_size", "16"])
     layout = S.resolve_layout(0, 8, tp=2)
     S.derive_args(args, layout)
     assert not S.fit_micro_batch_to_data(args, layout, 10)  # given with --batch_size: kept (check_data_size says)
@@ -86,7 +86,7 @@ def test_the_memory_estimate_covers_the_measured_peaks(run, tp, dp):
     """Measured on 2 H200s: the Pythia-6.9B shape, seq 2048, tp 2 at micro-batch 8 and tp 1 x dp 2 at 4. The
     estimate must not fall short (a layout it calls fitting must fit) and stays within 25% above."""
     measured = json.loads((ROOT / "results" / "h200x2" / "startup" / "startup_random.json").read_text())[run]
-    args = args_for("--model_name", "builtin:pythia-6.9b", "--seq_length", "2048")
+    args = S.parse_args(["--model_name", "builtin:pythia-6.9b", "--seq_length", "2048"])
     states, per_sequence = S.estimated_memory_gib(args, S.load_config(args), tp, dp, vocab_split=tp > 1)
     peak = measured["throughput"]["peak_memory_gib"]
     estimate = states + measured["batch_size"] * per_sequence

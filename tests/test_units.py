@@ -16,7 +16,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 import autotp_custom_patterns as S
-from conftest import ROOT, args_for
+from conftest import ROOT
 
 
 # ---- topology -----------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ def test_layout_rejects_sizes_that_do_not_fill_the_world(world, tp, dp):
 
 
 def test_model_checks_name_the_flag():
-    config = S.load_config(args_for("--model_name", "builtin:tiny"))  # 4 heads, MLP 256, 2048 positions
+    config = S.load_config(S.parse_args(["--model_name", "builtin:tiny"]))  # 4 heads, MLP 256, 2048 positions
     S.check_model_fits_tp(config, 4, 2048)
     with pytest.raises(S.UsageError, match="--tp_size 3 must divide the 4 attention heads"):
         S.check_model_fits_tp(config, 3, 128)
@@ -53,7 +53,7 @@ def test_model_checks_name_the_flag():
     with pytest.raises(S.UsageError, match="--tp_size 4 must divide the MLP width 250"):
         S.check_model_fits_tp(config, 4, 128)
     with pytest.raises(S.UsageError, match="--seq_length 4096 exceeds the model's maximum of 2048"):
-        S.check_model_fits_tp(S.load_config(args_for("--model_name", "builtin:tiny")), 1, 4096)
+        S.check_model_fits_tp(S.load_config(S.parse_args(["--model_name", "builtin:tiny"])), 1, 4096)
 
 
 # ---- partition specs ----------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_upstream_shape_spec_mixes_heads_across_roles():
 
 def meta_model(name="builtin:tiny"):
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(S.load_config(args_for("--model_name", name)))
+        return AutoModelForCausalLM.from_config(S.load_config(S.parse_args(["--model_name", name])))
 
 
 @pytest.mark.parametrize("name,tp", [("builtin:tiny", 2), ("builtin:tiny", 4), ("builtin:pythia-6.9b", 4)])
@@ -127,7 +127,7 @@ def test_compile_is_on_by_default_only_with_cuda_and_only_for_named_blocks(monke
 
     def decide(accelerator, flags, m):
         monkeypatch.setattr(S, "get_accelerator", lambda: argparse.Namespace(device_name=lambda: accelerator))
-        return S.decide_compile(args_for(*flags), m)
+        return S.decide_compile(S.parse_args(flags), m)
 
     assert decide("cpu", [], model) is False and decide("cpu", ["--compile"], model) is True
     assert decide("cuda", [], model) is True and decide("cuda", ["--no-compile"], model) is False
@@ -257,7 +257,7 @@ def test_leader_first_raises_what_a_leader_hit_on_every_rank():
 ])
 def test_bad_arguments_name_what_to_change(argv, message):
     with pytest.raises(S.UsageError, match=message):
-        S.check_args(args_for(*argv))
+        S.check_args(S.parse_args(argv))
 
 
 def test_help_lists_every_flag_with_its_default(capsys):
@@ -272,14 +272,14 @@ def test_empty_files_are_rejected(tmp_path):
     (tmp_path / "train.txt").write_text("")
     (tmp_path / "val.jsonl").write_text("")
     with pytest.raises(S.UsageError, match="--train_file: .*train.txt is empty"):
-        S.check_args(args_for("--train_file", str(tmp_path / "train.txt")))
+        S.check_args(S.parse_args(["--train_file", str(tmp_path / "train.txt")]))
     with pytest.raises(S.UsageError, match="--validation_file: .*val.jsonl is empty"):
-        S.check_args(args_for("--validation_file", str(tmp_path / "val.jsonl")))
+        S.check_args(S.parse_args(["--validation_file", str(tmp_path / "val.jsonl")]))
 
 
 def test_ds_config_turns_on_autotp_from_the_config_alone():
-    args = args_for("--tp_size", "4", "--zero_stage", "1", "--batch_size", "3", "--gradient_accumulation_steps", "2",
-                    "--max_grad_norm", "0.5", "--precision", "fp16")
+    args = S.parse_args(["--tp_size", "4", "--zero_stage", "1", "--batch_size", "3", "--gradient_accumulation_steps", "2",
+                          "--max_grad_norm", "0.5", "--precision", "fp16"])
     S.derive_args(args, S.resolve_layout(0, 8, tp=4))
     config = S.build_ds_config(args, {"partition_config": S.builtin_partition_config()})
     assert config["tensor_parallel"] == {"autotp_size": 4, "partition_config": {
@@ -305,12 +305,12 @@ def test_ds_config_turns_on_autotp_from_the_config_alone():
 ])
 def test_tp_accelerations_that_cannot_work_are_refused(argv, tp, message):
     with pytest.raises(S.UsageError, match=message):
-        S.derive_args(args_for(*argv), S.resolve_layout(0, tp, tp=tp))
+        S.derive_args(S.parse_args(argv), S.resolve_layout(0, tp, tp=tp))
 
 
 def test_tp_accelerations_reach_the_deepspeed_config():
     def config_for(*argv):
-        args = args_for(*argv)
+        args = S.parse_args(argv)
         S.derive_args(args, S.resolve_layout(0, 2, tp=2))
         return S.build_ds_config(args, {"partition_config": S.builtin_partition_config()})
 
@@ -347,7 +347,7 @@ def test_resumed_batches_continue_where_the_run_stopped(n, batch, skip):
     """Skipping k micro-batches (across epoch ends too) gives what the (k+1)-th read of a fresh run gives."""
     dataset = datasets.Dataset.from_dict({"input_ids": [[i] for i in range(n)]}).with_format("torch")
     layout = S.resolve_layout(1, 4, tp=2)
-    args = args_for("--batch_size", str(batch))
+    args = S.parse_args(["--batch_size", str(batch)])
     S.derive_args(args, layout)
     fresh = S.train_batches(dataset, layout, args.batch_size, args.global_batch_size, args.seed, torch.device("cpu"))
     resumed = S.train_batches(dataset, layout, args.batch_size, args.global_batch_size, args.seed, torch.device("cpu"),
@@ -363,7 +363,7 @@ SPLITS_OF_8 = [(1, 1, 8, 1), (2, 1, 4, 1), (4, 2, 2, 2), (8, 1, 1, 1), (2, 2, 2,
 def samples_per_step(dataset, world, tp, batch, accumulation, skip_steps=0, steps=30):
     """The sorted sample ids each optimizer step reads, over all DP ranks (one rank per TP group)."""
     layouts = [S.resolve_layout(rank, world, tp=tp) for rank in range(0, world, tp)]
-    args = args_for("--batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation))
+    args = S.parse_args(["--batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation)])
     S.derive_args(args, layouts[0])
     streams = [S.train_batches(dataset, l, args.batch_size, args.global_batch_size, args.seed, torch.device("cpu"),
                                  skip=skip_steps * accumulation) for l in layouts]
@@ -391,7 +391,7 @@ def fake_checkpoint(root, tag, args, complete=True):
 
 
 def test_find_checkpoint_follows_the_pointer_and_rejects_what_is_not_one(tmp_path):
-    args = args_for("--output_dir", str(tmp_path), "--tp_size", "2", "--dp_size", "2", "--resume_from_checkpoint", "latest")
+    args = S.parse_args(["--output_dir", str(tmp_path), "--tp_size", "2", "--dp_size", "2", "--resume_from_checkpoint", "latest"])
     root = tmp_path / "checkpoints"
     with pytest.raises(S.UsageError, match="no complete checkpoint at .*checkpoints"):
         S.find_checkpoint(args)  # nothing saved yet
@@ -422,7 +422,7 @@ def test_find_checkpoint_follows_the_pointer_and_rejects_what_is_not_one(tmp_pat
 
 
 def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
-    args = args_for()
+    args = S.parse_args([])
     for step in (2, 4, 6):
         fake_checkpoint(tmp_path, f"step_{step:07d}", args)
         time.sleep(0.01)  # run.json times order the checkpoints
