@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import datasets
@@ -206,14 +207,27 @@ def main():
 
 
 def run_worker(main):
-    """Run a worker's main, then destroy the process group: left to the interpreter's exit, gloo's threads can
-    abort a process whose work went well (SIGABRT, "terminate called without an active exception"; ~1 launch
-    in 10 here)."""
+    """Run a worker's main, destroy the process group, and leave without Python's finalization.
+
+    A gloo thread can still be letting go of the last collective's tensors when the main thread reaches the
+    end: if the interpreter is shutting down by then, the thread is stopped while it frees them and the process
+    aborts (SIGABRT, "terminate called without an active exception") although its work went well. Seen ~1
+    launch in 20 of four processes on two cores, in pt_gloo_runloop under Py_FinalizeEx (pytorch/pytorch
+    issue 190489). os._exit skips that shutdown; the worker's output is written and flushed before."""
+    code = 0
     try:
         main()
+    except SystemExit as exc:
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
