@@ -1471,7 +1471,7 @@ def build_model(args, config, dtype, where="cpu", weights=None):
     return model
 
 
-def meta_model(config, trust_remote_code, dtype=None):
+def meta_model(config, trust_remote_code=False, dtype=None):
     """The model's modules with shapes and names only (on the meta device): no memory, no computation."""
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -15,8 +15,6 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPTNeoXConfig
 
-import autotp_custom_patterns as S
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "autotp_custom_patterns.py"
 CONFIGS = ROOT / "partition_configs"

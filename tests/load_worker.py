@@ -29,8 +29,7 @@ def prepared(argv, layout):
                          "--warmup_steps", "0", "--tp_size", str(layout.tp), *argv])
     S.derive_args(args, layout)
     config = S.load_config(args)
-    with torch.device("meta"):
-        shapes_only = S.AutoModelForCausalLM.from_config(config)
+    shapes_only = S.meta_model(config)
     source = S.spec_source(args, config, shapes_only)
     return args, config, shapes_only, S.build_ds_config(args, source.tensor_parallel)
 

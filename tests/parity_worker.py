@@ -186,8 +186,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on GPUs too
     config = S.load_config(args)
     dataset = random_blocks(64, args.seq_length, config.vocab_size, seed=1)
-    with torch.device("meta"):
-        shapes_only = S.AutoModelForCausalLM.from_config(config)
+    shapes_only = S.meta_model(config)
     wrong = S.load_partition_config(wrong_file) if wrong_file else upstream_shape_specs(config)
     wrong = S.SpecSource("the wrong specs", {"partition_config": wrong}, S.autotp_config(wrong))
     results = {"wrong_specs": run(script_args("--no-vocab_parallel"), layout, config, wrong, None, dataset, device),

@@ -87,8 +87,7 @@ def cell(arch, source, layout, device, workdir):
                          "--no-vocab_parallel", "--verify_tp", *(["--partition_config", flag] if flag else [])])
     S.derive_args(args, layout)
     torch.manual_seed(0)
-    with torch.device("meta"):
-        shapes_only = transformers.AutoModelForCausalLM.from_config(config)
+    shapes_only = S.meta_model(config)
     try:
         S.check_model_fits_tp(config, layout.tp, args.seq_length)
         specs = S.spec_source(args, config, shapes_only)

@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import LlamaConfig
 
 import autotp_custom_patterns as S
 from conftest import ROOT, run_script, error_line, neox, save_checkpoint
@@ -43,8 +43,7 @@ def test_a_default_that_does_not_apply_is_turned_off_not_refused(tmp_path, cache
 def test_the_vocab_parallel_default_needs_an_untied_head_and_no_deepcompile():
     tied = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(tied)
+    model = S.meta_model(tied)
     assert "shares its weight" in S.vocab_parallel_refusal(tied, model, 2, False)
     assert "DeepCompile" in S.vocab_parallel_refusal(tied, None, 2, True)
     args = S.parse_args(["--tp_size", "2"])

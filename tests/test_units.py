@@ -13,7 +13,6 @@ import datasets
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM
 
 import autotp_custom_patterns as S
 from conftest import ROOT
@@ -100,8 +99,7 @@ def test_upstream_shape_spec_mixes_heads_across_roles():
 
 
 def meta_model(name="builtin:tiny"):
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(S.load_config(S.parse_args(["--model_name", name])))
+    return S.meta_model(S.load_config(S.parse_args(["--model_name", name])))
 
 
 @pytest.mark.parametrize("name,tp", [("builtin:tiny", 2), ("builtin:tiny", 4), ("builtin:pythia-6.9b", 4)])
