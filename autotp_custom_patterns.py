@@ -1418,8 +1418,9 @@ def layout_table(args, config, world_size, current_tp):
 
 def load_config(args):
     """The model's config, cheap: checks run on it before any weight is loaded."""
-    if builtin_shape(args.model_name) is not None:
-        layers, hidden, heads, vocab = BUILTIN_SHAPES[builtin_shape(args.model_name)]
+    shape = builtin_shape(args.model_name)
+    if shape is not None:
+        layers, hidden, heads, vocab = BUILTIN_SHAPES[shape]
         # Pythia's other settings are GPTNeoXConfig's defaults (rotary on 25% of each head, parallel
         # residual, untied output head, 2048 positions).
         return GPTNeoXConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
