@@ -13,20 +13,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import autotp_custom_patterns as S  # noqa: E402
+from parity_worker import run_worker  # noqa: E402
 
-args = S.parse_args(["--model_name", "builtin:tiny", "--precision", sys.argv[1], "--seq_length", "32",
-                     "--tp_size", "1", "--dp_size", "1", "--warmup_steps", "0"])
-layout = S.resolve_layout(0, 1, 1, 1)
-S.derive_args(args, layout)
-device = S.init_distributed(0)
-model = S.build_model(args, S.load_config(args), S.DTYPES[args.precision])
-engine = S.build_engine(model, args, layout, S.build_ds_config(args, {"partition_config": S.builtin_partition_config()}))
-weight = engine.module.gpt_neox.layers[0].mlp.dense_h_to_4h.weight
-weight.register_hook(lambda grad: grad * float("nan"))
-ids = torch.randint(0, 100, (2, 32), device=device)
-loss = engine(input_ids=ids, labels=ids).loss
-engine.backward(loss)
-engine.step()
-first_bad = S.mark_non_finite(torch.tensor(math.inf), 1, loss, S.applied_grad_norm(engine))
-print(math.isfinite(loss.item()), first_bad.item(), bool(torch.isfinite(weight).all()))
-torch.distributed.destroy_process_group()
+
+def main():
+    args = S.parse_args(["--model_name", "builtin:tiny", "--precision", sys.argv[1], "--seq_length", "32",
+                         "--tp_size", "1", "--dp_size", "1", "--warmup_steps", "0"])
+    layout = S.resolve_layout(0, 1, 1, 1)
+    S.derive_args(args, layout)
+    device = S.init_distributed(0)
+    model = S.build_model(args, S.load_config(args), S.DTYPES[args.precision])
+    engine = S.build_engine(model, args, layout, S.build_ds_config(args, {"partition_config": S.builtin_partition_config()}))
+    weight = engine.module.gpt_neox.layers[0].mlp.dense_h_to_4h.weight
+    weight.register_hook(lambda grad: grad * float("nan"))
+    ids = torch.randint(0, 100, (2, 32), device=device)
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    first_bad = S.mark_non_finite(torch.tensor(math.inf), 1, loss, S.applied_grad_norm(engine))
+    print(math.isfinite(loss.item()), first_bad.item(), bool(torch.isfinite(weight).all()))
+
+
+if __name__ == "__main__":
+    run_worker(main)
