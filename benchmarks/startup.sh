@@ -3,10 +3,11 @@
 # each line stamped with the seconds since the launch began. Writes OUT/startup_STAGE.json and OUT/startup_STAGE.log.
 #   bash benchmarks/startup.sh OUT random       random weights at tp 2 (batch 8) and tp 1 x dp 2 (batch 4), then
 #                                               --shard_on_load at tp 2 (peak GPU memory while loading)
-#   bash benchmarks/startup.sh OUT checkpoint BEFORE.py
+#   bash benchmarks/startup.sh OUT checkpoint [BEFORE.py]
 #                                               writes a 6.9B bf16 safetensors checkpoint (random weights), loads it
-#                                               at tp 2 and tp 1 x dp 2 with this script and with BEFORE.py (the
-#                                               script as it was, loading the whole model on the host), same losses?
+#                                               at tp 2 and tp 1 x dp 2 with this script and, if given, BEFORE.py
+#                                               (the script as it was before 8614cde, loading the whole model on the
+#                                               host; its host memory is ru_maxrss), same losses?
 #                                               Then evaluation-only loads (no optimizer) staged and --shard_on_load
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,17 +44,19 @@ S.train_bpe_tokenizer(S.load_text(args)["train"], "text", 8192, args.cache_dir).
 print(f"wrote {work}/model in {time.time() - start:.1f} s")
 PY
   fi
-  for script in autotp_custom_patterns.py "$before"; do
+  runs=()
+  for script in autotp_custom_patterns.py $before; do  # BEFORE.py only when given
     tag=$([ "$script" = "$before" ] && echo before || echo now)
     run ckpt_tp2_$tag "$script" --model_name "$work/model" --tp_size 2 --batch_size 8 --num_steps 3 --no-compile
     run ckpt_tp1_dp2_$tag "$script" --model_name "$work/model" --tp_size 1 --dp_size 2 --batch_size 4 --num_steps 3 \
       --no-compile
+    runs+=(ckpt_tp2_$tag ckpt_tp1_dp2_$tag)
   done
   # evaluation only (no optimizer states): the GPU memory peak of loading itself, staged vs --shard_on_load
   run ckpt_eval_staged autotp_custom_patterns.py --model_name "$work/model" --tp_size 2 --batch_size 8 --num_steps 0
   run ckpt_eval_shard_on_load autotp_custom_patterns.py --model_name "$work/model" --tp_size 2 --batch_size 8 \
     --num_steps 0 --shard_on_load
-  runs=(ckpt_tp2_now ckpt_tp1_dp2_now ckpt_tp2_before ckpt_tp1_dp2_before ckpt_eval_staged ckpt_eval_shard_on_load)
+  runs+=(ckpt_eval_staged ckpt_eval_shard_on_load)
 fi
 python3 - "$work" "$out/startup_$stage.json" "${runs[@]}" <<'PY'
 import json, os, sys
@@ -65,12 +68,18 @@ for name in runs:
         summary[name] = None
         continue
     r = json.load(open(path))
+    # host_memory_gib_per_rank: the script's peak anonymous resident memory (RssAnon), one value per rank, GiB.
+    # BEFORE.py (the script before 8614cde) has no start-up phases and measured ru_maxrss instead, under
+    # peak_host_memory_gib_per_rank; that key is read for its runs only, kept apart since the two measure
+    # different things (ru_maxrss counts the mapped checkpoint's pages too).
+    before = name.endswith("_before")
     summary[name] = {"startup": r.get("startup"), "losses": [x["loss"] for x in r["train"]],
                      "eval": r["eval"][-1]["loss"] if r["eval"] else None,
-                     "host_memory_gib_per_rank": r.get("host_memory_gib_per_rank"),
-                     "ru_maxrss_gib_per_rank": r.get("peak_host_memory_gib_per_rank"),
+                     "host_memory_gib_per_rank": None if before else r["host_memory_gib_per_rank"],
+                     "ru_maxrss_gib_per_rank": r.get("peak_host_memory_gib_per_rank") if before else None,
                      "throughput": r["throughput"], "batch_size": r["args"]["batch_size"]}
 json.dump(summary, open(target, "w"), indent=1)
 for name, s in summary.items():
-    print(name, s and {k: s[k] for k in ("startup", "losses", "host_memory_gib_per_rank", "ru_maxrss_gib_per_rank")})
+    print(name, s and {k: s[k] for k in ("startup", "losses", "host_memory_gib_per_rank", "ru_maxrss_gib_per_rank")
+                       if s[k] is not None})
 PY
