@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a Hugging Face GPT-NeoX (Pythia) model with DeepSpeed AutoTP and custom partition patterns.
 
-The recipe comes first in this file, numbered as in main():
+The recipe comes first in this file, numbered as execute() follows it:
   1. the AutoTP layer specs for GPT-NeoX as plain data (`gpt_neox_layer_specs`), with the right split of
      its fused query_key_value weight, whose rows are interleaved per head ([h0: q k v][h1: q k v]...);
   2. the rank layout (`Layout`), and `BatchSizeMPU`, which tells DeepSpeed the number of DP replicas;
@@ -11,11 +11,14 @@ The recipe comes first in this file, numbered as in main():
      modules that read a head count in their forward get the per-rank one (`localize_head_counts`);
   5. the DP-rank-aware sampler (`make_sampler`): TP peers read identical batches, DP ranks disjoint ones;
   6. one training step (`train_step`).
-Then, one banner each: arguments (with DeepSpeed's TP accelerations: --vocab_parallel, --tp_overlap_comm,
---deepcompile); a DeepSpeed config of your own and its monitors; where the specs come from (a file, a
-DeepSpeed preset, the model's tp_plan) and the partition plan; --dry_run (plan and memory per rank, no GPU);
-data; model (torch.compile of each sharded block on GPUs); --verify_tp (sharded vs unsharded, module by
-module); checkpoints (resumable at another tp x dp) and the export; the training loop and its metrics; main.
+Then the run, in two steps: preflight() decides everything that needs no process group (flags, specs,
+layout, batch sizes, the DeepSpeed config, the checkpoint to resume) into a frozen Run, and execute() builds
+and trains from it; --dry_run prints the Run instead. After them, one banner each: arguments (with
+DeepSpeed's TP accelerations: --vocab_parallel, --tp_overlap_comm, --deepcompile); a DeepSpeed config of
+your own and its monitors; where the specs come from (a file, a DeepSpeed preset, the model's tp_plan) and
+the partition plan; memory per rank, layout advice and --dry_run; data; model (torch.compile of each
+sharded block on GPUs); --verify_tp (sharded vs unsharded, module by module); checkpoints (resumable at
+another tp x dp) and the export; the training loop and its metrics.
 
 Rank layout. DeepSpeed puts consecutive ranks in one TP group: tp_rank = rank % tp, dp_rank = rank // tp.
 With tp=2, dp=2 (4 ranks):
@@ -40,6 +43,7 @@ Outputs in --output_dir: results.json (arguments, layout, curves, throughput), l
 """
 import argparse
 import atexit
+import codecs
 import contextlib
 import copy
 import dataclasses
@@ -50,16 +54,12 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import re
 import random
-import resource
 import shutil
 import signal
 import socket
 import sys
-import sysconfig
-import tempfile
 import threading
 import traceback
 import time
@@ -114,7 +114,7 @@ STAGING_FRACTION = 0.8  # of a GPU's free memory the whole empty model may fill 
 TEXT_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-# ==== THE RECIPE: AutoTP training with DeepSpeed, in the order main() calls it. Copy this part. ===
+# ==== THE RECIPE: AutoTP training with DeepSpeed, in the order execute() follows. Copy this part. ==
 # It uses nothing defined below it, only the imports above.
 
 class UsageError(Exception):
@@ -212,7 +212,14 @@ def build_ds_config(args, specs, training=True, load_universal=False):
         "train_micro_batch_size_per_gpu": args.batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "gradient_clipping": args.max_grad_norm,  # DeepSpeed clips at 1.0 unless told otherwise
-        "zero_optimization": {"stage": args.zero_stage if training else 0},
+        "zero_optimization": {
+            "stage": args.zero_stage if training else 0,
+            # ZeRO-3 splits each TP shard again over the DP group: the export gathers the pieces back
+            **({"stage3_gather_16bit_weights_on_model_save": True} if args.zero_stage == 3 and training else
+               {}),
+            # the fp32 master weights, their gradients and AdamW's moments live on the host, which steps them
+            # (DeepSpeed's CPU Adam: adamw_factory); the GPU keeps the 16-bit weights
+            **({"offload_optimizer": {"device": "cpu"}} if training and args.offload_optimizer else {})},
         # DeepSpeed's bf16 overflow check tests every gradient and waits for the answer before each step: a
         # host sync per step. It is off; in its place the loop keeps mark_non_finite (below) and stops at the
         # first non-finite loss or gradient norm, before any checkpoint is written. Copy this line only
@@ -240,9 +247,12 @@ def mark_non_finite(first_bad, step, loss, grad_norm):
 
 
 def applied_grad_norm(engine):
-    """The gradient norm of the step just taken, or None when DeepSpeed skipped it (an fp16 loss-scale
-    overflow: its norm is infinite by design and no weight changed, so it is no divergence)."""
-    return engine.get_global_grad_norm() if engine.was_step_applied() else None
+    """The gradient norm of the step just taken, or None when DeepSpeed skipped it on an fp16 loss-scale
+    overflow (its norm is infinite by design and no weight changed: no divergence). A step skipped in bf16
+    or fp32 had a non-finite gradient (ZeRO-3 checks whatever check_grad_overflow says): a divergence."""
+    if engine.was_step_applied():
+        return engine.get_global_grad_norm()
+    return None if engine.fp16_enabled() else math.inf
 
 
 def check_finite(first_bad):
@@ -258,18 +268,31 @@ def check_finite(first_bad):
 
 # ---- 4. deepspeed.initialize ---------------------------------------------------------------------
 
-def adamw_factory(args):
+def adamw_factory(args, on_host=False):
     """The optimizer, as a factory: deepspeed.initialize calls it after AutoTP has swapped in the sharded
-    layers, so it sees the parameters that will really train. Matrices decay; biases and norms do not."""
+    layers, so it sees the parameters that will really train. Matrices decay; biases and norms do not.
+    on_host (the optimizer offloaded): DeepSpeed's CPU Adam, the same AdamW (decoupled decay) with the same
+    groups and hyperparameters, the only one ZeRO-Offload takes from the caller."""
     def build(params):
         params = list(params)
         param_groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
                         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        if on_host:  # its C++ op is compiled at first use (a minute or two) and cached
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            return DeepSpeedCPUAdam(param_groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                    adamw_mode=True)
         # fused: one kernel for the whole update instead of a few per tensor list (GPU only)
         fused = all(p.is_cuda for p in params)
         return torch.optim.AdamW(param_groups, lr=args.learning_rate, betas=(0.9, 0.95), eps=1e-8,
                                  fused=fused)
     return build
+
+
+def offloads_optimizer(ds_config):
+    """Whether DeepSpeed steps the optimizer on the host (offload_optimizer to the CPU or NVMe) and so wants
+    its CPU Adam (unless the config says zero_force_ds_cpu_optimizer: false)."""
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
+    return device in ("cpu", "nvme") and ds_config.get("zero_force_ds_cpu_optimizer", True)
 
 
 def warmup_cosine_factory(args):
@@ -287,8 +310,8 @@ def build_engine(model, args, layout, ds_config, optimizer=None, training=True):
     own_optimizer = training and "optimizer" not in ds_config
     own_schedule = training and "scheduler" not in ds_config
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
-                                           optimizer=(optimizer or adamw_factory(args)) if own_optimizer
-                                           else None,
+                                           optimizer=(optimizer or adamw_factory(args, offloads_optimizer(
+                                               ds_config))) if own_optimizer else None,
                                            lr_scheduler=warmup_cosine_factory(args) if own_schedule else None,
                                            # at tp=1 DeepSpeed builds no AutoTP groups and would take its DP
                                            # group from the mpu: it needs none
@@ -373,12 +396,153 @@ def dp_mean(value, engine, layout):
     return value.item() / layout.dp
 
 
+# ==== THE RUN: decide everything first (preflight), then do it (execute) ==========================
+
+@dataclass(frozen=True)
+class Resume:
+    """A checkpoint to continue from: its directory, its run.json, and whether it goes through DeepSpeed's
+    universal form (it was written at another tp x dp or ZeRO stage)."""
+    path: Path
+    meta: dict
+    universal: bool
+
+
+@dataclass(frozen=True)
+class Run:
+    """What preflight decided before any process group exists. execute only reads it; --dry_run prints it.
+    args: the flags with every value derived from them (results.json keeps them)."""
+    args: argparse.Namespace
+    layout: Layout
+    config: transformers.PretrainedConfig
+    shapes_only: torch.nn.Module  # the model on the meta device: names and shapes, no memory
+    source: "SpecSource"  # where the layer specs come from
+    plan: dict | None  # weight -> (spec, global shape, per-rank shape); None: DeepSpeed's parser decides
+    layouts: list  # every tp x dp of the world, with its estimated memory per rank
+    stats: dict  # parameter counts and FLOPs per token
+    training: bool  # False: an evaluation-only launch (no optimizer, no optimizer states)
+    ds_config: dict  # the recipe's DeepSpeed config with the user's merged in, as DeepSpeed read it
+    resume: Resume | None
+
+
+def main(argv=None):
+    run = preflight(argv)
+    return dry_run(run) if run.args.dry_run else execute(run)
+
+
+def preflight(argv=None):
+    """Every decision that needs no process group, each checked before any heavy work: a bad flag, spec,
+    layout, DeepSpeed setting or checkpoint ends here, in one line on every rank alike."""
+    args = parse_args(argv)
+    check_args(args)
+    saved = locate_checkpoint(args) if args.resume_from_checkpoint else None
+    if saved:  # the model, data and shapes are the checkpoint's, as is the rest of its plan not given again
+        args = checkpoint_settings(args, saved[1], given_flags(argv))
+    config = load_config(args)
+    shapes_only = meta_model(config, args.trust_remote_code)  # the specs are checked on it
+    # 1. The layer specs: the built-in GPT-NeoX ones, a spec file, a DeepSpeed preset or the model's tp_plan.
+    source = spec_source(args, config, shapes_only)
+    # 2. The rank layout, then the values derived from the flags, the layout and the model.
+    layout = choose_layout(args, config)
+    check_model_fits_tp(config, layout.tp, args.seq_length)
+    if tokenizer_name(args) is None and builtin_shape(args.model_name) is None:
+        log(layout, f"--model_name {args.model_name} holds no tokenizer: a byte-level BPE of "
+                    f"{min(BUILTIN_TOKENIZER_VOCAB, config.vocab_size)} tokens is trained on the training "
+                    "text instead (--tokenizer_name gives one)")
+    settled = derive_args(args, layout, config, shapes_only, source)
+    source = head_kept_whole(source, settled, shapes_only, layout, quiet=args.vocab_parallel is None)
+    plan = source.plan(shapes_only, layout.tp, settled.vocab_parallel)
+    warn_about_source(source, config, layout, settled)
+    if settled.dry_run and plan is None:
+        raise UsageError(f"--dry_run needs the specs before deepspeed.initialize, and {source.name} "
+                         "decides only inside it: use --verify_tp on a short run instead")
+    check_fits(settled, config, shapes_only, source, layout, wanted=args.vocab_parallel)
+    layouts = layout_table(settled, config, shapes_only, source, layout.world_size,
+                           wanted=args.vocab_parallel)
+    if not settled.dry_run:
+        advise_layout(settled, layouts, layout)
+    resume = resume_plan(settled, layout, *saved) if saved else None
+    # 3. The DeepSpeed config, yours merged in, checked by DeepSpeed's own reading.
+    training = settled.num_steps > 0 or resume is not None
+    universal = resume is not None and resume.universal
+    ds_config = build_ds_config(settled, source.tensor_parallel, training, universal)
+    ds_config = merge_user_config(settled, ds_config, settled.user_deepspeed_config)
+    check_ds_config(ds_config, f"--deepspeed_config {args.deepspeed_config}" if args.deepspeed_config
+                    else "the DeepSpeed config")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
+    if layout.tp > local_world:
+        log(layout, f"warning: tp={layout.tp} spans more than one node ({local_world} ranks per node): "
+                    "TP traffic will cross the network")
+    if settled.precision == "bf16" and settled.zero_stage == 0:
+        log(layout, "warning: bf16 with ZeRO-0 keeps no fp32 master weights; use --zero_stage 1 or 2")
+    return Run(settled, layout, config, shapes_only, source, plan, layouts,
+               model_statistics(shapes_only, settled.seq_length), training, ds_config, resume)
+
+
+def execute(run):
+    """Build and train in the recipe's order, reading only `run`: the process group and the data, the sharded
+    model (4), the loop (5, 6), then the export and results.json. Returns the results."""
+    args, layout = run.args, run.layout
+    clock = Clock(layout)  # the start-up, phase by phase, and the peak of host memory
+    check_output_dir(args.output_dir)
+    device = init_distributed(args.local_rank)
+    clock.lap("process group", f"{layout.world_size} ranks on {device.type}")
+    resume_path = resume_checkpoint(run) if run.resume else None  # (optional) converted once if need be
+    tokenizer, blocks = leader_first(lambda: prepare_data(args, run.config.vocab_size), args.local_rank == 0)
+    check_data(run, tokenizer, blocks)
+    clock.lap("data", f"{len(blocks['train']):,} training blocks of {args.seq_length} tokens")
+    log(layout, describe_run(run, device))
+    log(layout, plan_table(run.plan, run.source, layout.tp) if run.plan
+                else f"AutoTP partition: {run.source.name}, read off the model once sharded")
+    # 4. deepspeed.initialize: AutoTP shards the empty model, ZeRO wraps the optimizer, ranks load shards.
+    probe = blocks["train"][0]["input_ids"][None, :VERIFY_TOKENS]  # the first training sequence
+    engine, reference = build_sharded_model(run, device, clock, probe if args.verify_tp else None)
+    plan = run.plan
+    if plan is None:
+        plan = run.source.plan(run.shapes_only, layout.tp, args.vocab_parallel, sharded=engine.module)
+        log(layout, plan_table(plan, run.source, layout.tp))
+    check_partition(engine.module, plan)
+    verified = None
+    if args.verify_tp:  # (optional) sharded against unsharded, module by module
+        verified = verify_tp(engine, probe.to(device), reference, plan, run)
+    if resume_path:  # (optional)
+        load_checkpoint(engine, resume_path, layout)
+        log(layout, f"resumed from {resume_path} after step {run.resume.meta['step']}")
+    if args.compile:  # (optional, GPU default) after verify_tp: its hooks read every module's output eagerly
+        log(layout, f"torch.compile: {compile_blocks(engine.module)}, compiled during the first step")
+    elif args.deepcompile:  # (optional) the whole model, TP collectives in the graph
+        engine.compile()
+        log(layout, "DeepCompile with the autotp pass: the whole model, compiled during the first step")
+    # 5 and 6. The loop: micro-batches from the DP-aware sampler, one train_step per optimizer step.
+    history, evals, stopped_by = [], [], None
+    if not args.export_only:
+        history, evals, stopped_by = train(run, engine, blocks, device, clock)
+    export_dir = None
+    if args.export_only or (args.num_steps > 0 and not stopped_by and not args.skip_export):  # (optional)
+        export_dir = Path(args.output_dir) / "hf"
+        export_hf(engine, tokenizer, layout, export_dir)
+        log(layout, f"exported the model (all TP shards gathered) to {export_dir}")
+    results = collect_results(run, history, evals, clock, verify_tp=verified, stopped_by=stopped_by,
+                              resumed_from=resume_path and str(resume_path),
+                              export_dir=export_dir and str(export_dir), deepspeed_config=engine.config)
+    write_results(results, Path(args.output_dir), layout)
+    dist.barrier()  # leave together: a rank tearing down its process group while rank 0 writes can abort it
+    return results
+
+
 # ==== EVERYTHING ELSE: what the recipe needs around it, one concern per section ===================
 
 # ---- Arguments: every knob, its checks, and the values derived from them -------------------------
 
 def parse_args(argv=None):
     return build_parser().parse_args(argv)
+
+
+def given_flags(argv=None):
+    """The flags given on the command line (not left to their defaults), by name: argparse fills in a default
+    only where the namespace it parses into has no value yet."""
+    parser, unset = build_parser(), object()
+    parsed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset)))
+    return {name for name, value in vars(parsed).items() if value is not unset}
 
 
 class Parser(argparse.ArgumentParser):
@@ -406,7 +570,9 @@ NON_NEGATIVE = checked(float, lambda v: v >= 0, "zero or positive")
 
 
 def existing_file(suffixes=None):
-    """An argparse type: a file that exists, is not empty and (given suffixes) is of a kind the run reads."""
+    """An argparse type: a file that exists, is not empty and (given suffixes) is of a kind the run reads; a
+    text file (all but parquet) must begin as UTF-8 (its first MiB is read; load_text catches a later
+    fault)."""
     def parse(path):
         if suffixes and Path(path).suffix not in suffixes:
             raise argparse.ArgumentTypeError(f"{path}: use one of {', '.join(suffixes)}")
@@ -414,8 +580,20 @@ def existing_file(suffixes=None):
             raise argparse.ArgumentTypeError(f"{path} does not exist")
         if Path(path).stat().st_size == 0:
             raise argparse.ArgumentTypeError(f"{path} is empty")
+        if Path(path).suffix in TEXT_FILE_BUILDERS and Path(path).suffix != ".parquet":
+            with open(path, "rb") as f:
+                head = f.read(2 ** 20)
+            try:
+                codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at the end is no fault
+            except UnicodeDecodeError as exc:
+                raise argparse.ArgumentTypeError(not_utf8(path, exc, f"at offset {exc.start}")) from None
         return path
     return parse
+
+
+def not_utf8(path, exc, where):
+    return (f"{path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} {where}): convert it, e.g. "
+            f"iconv -f latin1 -t utf-8 {path} > {Path(path).stem}.utf8{Path(path).suffix}")
 
 
 def known_model(name):
@@ -427,24 +605,28 @@ def known_model(name):
     return name
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default said once: argparse's value, unless the help says the default itself (one that
+    depends on the run) or there is none."""
+
+    def _get_help_string(self, action):
+        if "default" in action.help.lower() or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     """Every knob, with its help and its check. The defaults that depend on the machine (the model and the
-    sequence length) are taken here, so that --help shows them. same_on_resume=True: the flag fixes the model,
-    the data or their order, and a resumed run must repeat its value (find_checkpoint compares them)."""
+    sequence length) are taken here, so that --help shows them."""
     gpu = torch.cuda.is_available()
-    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.same_on_resume = []
-
-    def a(*names, same_on_resume=False, **kwargs):
-        dest = p.add_argument(*names, **kwargs).dest
-        if same_on_resume:
-            p.same_on_resume.append(dest)
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    a = p.add_argument
     # model
-    a("--model_name", same_on_resume=True, type=known_model,
+    a("--model_name", type=known_model,
       default=BUILTIN_PREFIX + ("pythia-410m" if gpu else "tiny"),
       help=f"hub id, local directory, or builtin:NAME (random weights; NAME in {', '.join(BUILTIN_SHAPES)}); "
            "builtin:pythia-410m on a machine with a GPU, builtin:tiny without")
-    a("--tokenizer_name", same_on_resume=True, default=None,
+    a("--tokenizer_name", default=None,
       help="tokenizer to use instead of the model's own")
     a("--random_init", action="store_true",
       help="build a hub/local model from its config with random weights")
@@ -454,7 +636,7 @@ def build_parser():
            f"{100 * STAGING_FRACTION:.0f}%% of one GPU's free memory, and on CPU; --no-shard_on_load stages "
            "it on the GPU")
     a("--trust_remote_code", action="store_true", help="allow model/tokenizer code from the hub")
-    a("--partition_config", same_on_resume=True, default=None,
+    a("--partition_config", default=None,
       help="where the layer specs come from: a JSON file (DeepSpeed's partition_config), preset:NAME "
            f"(DeepSpeed's presets: {', '.join(PRESETS)}), tp_plan (the model's Hugging Face tp_plan) or "
            "autotp_parser (DeepSpeed's automatic parser); default: the built-in GPT-NeoX specs. README: "
@@ -472,7 +654,14 @@ def build_parser():
       "(default: --tp_size x --dp_size); every tp x dp of it is listed with its memory per rank")
     a("--gpu_memory_gib", type=POSITIVE, default=None, help="memory of one GPU, for the layouts of --dry_run "
       "and the default micro-batch (default: this machine's GPU)")
-    a("--zero_stage", type=int, default=2, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
+    a("--zero_stage", type=int, default=None, choices=[0, 1, 2, 3],
+      help="DeepSpeed ZeRO stage: 2 partitions gradients and optimizer states over the DP group, 3 the "
+           "weights too (each TP shard again over DP). Default: your --deepspeed_config's stage, else 2")
+    a("--offload_optimizer", action="store_true",
+      help="keep the fp32 master weights, their gradients and AdamW's moments in host memory and step them "
+           "there (DeepSpeed's CPU Adam): the GPU keeps the 16-bit weights. Needs ZeRO 1, 2 or 3 and about "
+           "18 bytes of host memory per parameter a rank holds (on too where your --deepspeed_config "
+           "offloads it)")
     # DeepSpeed's TP accelerations (tensor_parallel and compile sections of its config)
     a("--vocab_parallel", action=argparse.BooleanOptionalAction, default=None,
       help="split the output head by vocabulary over the TP ranks and compute the loss on the shards "
@@ -487,15 +676,15 @@ def build_parser():
     a("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
       help="set by the deepspeed launcher; torchrun sets LOCAL_RANK instead")
     # data
-    a("--dataset_name", same_on_resume=True, default=None, help="Hugging Face datasets name, e.g. wikitext")
-    a("--dataset_config_name", same_on_resume=True, default=None,
+    a("--dataset_name", default=None, help="Hugging Face datasets name, e.g. wikitext")
+    a("--dataset_config_name", default=None,
       help="its configuration: wikitext-103-raw-v1")
-    a("--train_file", same_on_resume=True, type=existing_file(TEXT_FILE_BUILDERS), default=None,
+    a("--train_file", type=existing_file(TEXT_FILE_BUILDERS), default=None,
       help="txt (one document per paragraph), json/jsonl, csv or parquet")
-    a("--validation_file", same_on_resume=True, type=existing_file(TEXT_FILE_BUILDERS), default=None,
+    a("--validation_file", type=existing_file(TEXT_FILE_BUILDERS), default=None,
       help="same formats; default: hold out part of the training text")
-    a("--text_column", same_on_resume=True, default="text", help="column holding the text")
-    a("--validation_split_percentage", same_on_resume=True, default=5.0,
+    a("--text_column", default="text", help="column holding the text")
+    a("--validation_split_percentage", default=5.0,
       type=checked(float, lambda v: 0 < v < 100, "between 0 and 100"),
       help="documents held out for evaluation when there is no validation split or file")
     a("--preprocessing_num_workers", type=POSITIVE_INT, default=None,
@@ -507,7 +696,8 @@ def build_parser():
       help="micro-batch per rank (sequences). Default: 1 on CPU; on a GPU the largest power of two whose "
            "activations fit beside the model states (estimated, printed)")
     a("--gradient_accumulation_steps", type=POSITIVE_INT, default=1, help="micro-batches per step")
-    a("--seq_length", same_on_resume=True, type=POSITIVE_INT, default=2048 if gpu else 512,
+    a("--seq_length", type=checked(int, lambda v: v >= 2, "at least 2 (a token and the next one to predict)"),
+      default=2048 if gpu else 512,
       help="tokens per training sequence: 2048 on a machine with a GPU, 512 without")
     a("--num_steps", type=COUNT, default=50, help="optimizer steps; 0 evaluates only")
     a("--learning_rate", type=POSITIVE, default=1e-4, help="peak learning rate (AdamW)")
@@ -516,13 +706,13 @@ def build_parser():
     a("--warmup_steps", type=COUNT, default=None,
       help="linear warmup steps before cosine decay (default 10%%)")
     a("--max_grad_norm", type=NON_NEGATIVE, default=1.0, help="clip the global gradient norm; 0 disables")
-    a("--precision", same_on_resume=True, default="bf16", choices=list(DTYPES), help="training dtype")
+    a("--precision", default="bf16", choices=list(DTYPES), help="training dtype")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="torch.compile each transformer block and the loss (after AutoTP has sharded them): faster steps "
            "once the first one has paid for the compilation. Default: on with CUDA GPUs, off on CPU")
     a("--activation_checkpointing", action="store_true",
       help="recompute each layer's activations in the backward pass: less memory, ~30%% more compute")
-    a("--seed", same_on_resume=True, type=int, default=42,
+    a("--seed", type=int, default=42,
       help="seed of the weights, data order and tokenizer")
     # reporting
     a("--log_interval", type=POSITIVE_INT, default=5, help="log every N steps (each log syncs the host)")
@@ -570,17 +760,23 @@ def check_args(args):
 
 def check_tp_features(args, layout):
     """The TP accelerations need tp > 1, and DeepSpeed cannot combine DeepCompile's autotp pass with the
-    others (the vocabulary-parallel head: vocab_parallel_refusal); that pass is for CPU runs only (on GPUs the
-    weights the TP ranks hold whole drift apart under it). Refused here, before any weight loads."""
+    others (the vocabulary-parallel head: vocab_parallel_refusal) or with ZeRO-3; that pass is for CPU runs
+    only (on GPUs the weights the TP ranks hold whole drift apart under it). An offloaded optimizer needs a
+    ZeRO optimizer to hand its steps to the host. Refused here, before any weight loads."""
+    if args.offload_optimizer and args.zero_stage == 0:
+        raise UsageError("--offload_optimizer (or offload_optimizer in your --deepspeed_config) needs ZeRO: "
+                         "use --zero_stage 1, 2 or 3")
+    if args.deepcompile and args.zero_stage == 3:
+        raise UsageError("--deepcompile cannot be combined with --zero_stage 3: DeepSpeed's autotp pass "
+                         "compiles the whole model as one graph, which ZeRO-3's parameter gathering breaks; "
+                         "use --zero_stage 1 or 2, or drop --deepcompile")
     wanted = [f"--{name}" for name in ("vocab_parallel", "tp_overlap_comm", "deepcompile")
               if getattr(args, name)]
     if wanted and layout.tp == 1:
         raise UsageError(f"{' and '.join(wanted)} act on tensor-parallel layers: use them with --tp_size > 1")
     if args.deepcompile and torch.cuda.is_available():
-        raise UsageError("--deepcompile is refused on GPUs: measured on 2 H200s (fp32, tp 2) its autotp pass "
-                         "trains with the unsharded model's losses and gradient norms, but the weights the "
-                         "TP ranks hold whole stop being identical across them, and a bf16 run stopped when "
-                         "they drifted apart; use --compile")
+        raise UsageError("--deepcompile is refused on GPUs: there its autotp pass lets the weights the TP "
+                         "ranks hold whole drift apart (README: Troubleshooting); use --compile")
     if args.deepcompile and (args.tp_overlap_comm or args.compile):
         raise UsageError("--deepcompile cannot be combined with "
                          f"--{'compile' if args.compile else 'tp_overlap_comm'}: "
@@ -603,76 +799,63 @@ def choose_layout(args, config):
     return layout
 
 
-def derive_args(args, layout, config=None, shapes_only=None, source=None):
-    """The values that follow from the flags, the machine, the layout and the model, computed once and kept in
-    args (and so in results.json): tp and dp, the TP accelerations and --compile, the default warmup and
-    micro-batch (sized to the GPU's memory), the batch arithmetic and the user's DeepSpeed settings. A default
-    that does not apply to this model or layout is turned off with one line saying why, never refused.
-    source: where the specs come from (its partition_config may name the output heads DeepSpeed splits)."""
-    args.tp_size, args.dp_size = layout.tp, layout.dp
+def derive_args(args, layout, config, shapes_only, source):
+    """The flags with the values that follow from them, the machine, the layout and the model, as a new
+    namespace that nothing changes afterwards: tp and dp, the TP accelerations and --compile, the default
+    warmup and micro-batch (sized to the GPU's memory), the batch arithmetic and the user's DeepSpeed
+    settings. A default that does not apply to this model or layout is turned off with one line saying why,
+    never refused."""
+    user = user_ds_config(args)  # kept in each checkpoint's run.json too
+    args = argparse.Namespace(**vars(args) | {
+        "user_deepspeed_config": user,
+        "zero_stage": args.zero_stage if args.zero_stage is not None else dig(user, "zero_optimization.stage",
+                                                                               2),
+        "offload_optimizer": args.offload_optimizer or dig(
+            user, "zero_optimization.offload_optimizer.device", None) in ("cpu", "nvme")})
     check_tp_features(args, layout)
-    heads = source and source.tp_config and source.tp_config.lm_head_patterns
-    why_not = vocab_parallel_refusal(config, shapes_only, layout.tp, args.deepcompile, heads)
+    why_not = vocab_parallel_refusal(args, config, shapes_only, source, layout.tp)
     if args.vocab_parallel and why_not:
         raise UsageError(f"--vocab_parallel cannot apply: {why_not}; use --no-vocab_parallel")
-    if args.vocab_parallel is None:  # on by default where it applies
-        args.vocab_parallel = why_not is None
-        if why_not and layout.tp > 1:
-            log(layout, f"the output head stays whole on every TP rank (--vocab_parallel is off): {why_not}")
-    if shapes_only is not None:
-        args.compile = decide_compile(args, shapes_only)
-    args.warmup_steps = args.num_steps // 10 if args.warmup_steps is None else args.warmup_steps
-    args.micro_batch_sized = args.batch_size is None and config is not None and torch.cuda.is_available()
-    if args.batch_size is None:
-        args.batch_size = default_micro_batch(args, config, layout) if args.micro_batch_sized else 1
-    set_global_batch(args, layout)
-    args.user_deepspeed_config = user_ds_config(args)  # kept in results.json and each checkpoint's run.json
+    if args.vocab_parallel is None and why_not and layout.tp > 1:
+        log(layout, f"the output head stays whole on every TP rank (--vocab_parallel is off): {why_not}")
+    derived = {"tp_size": layout.tp, "dp_size": layout.dp,
+               "vocab_parallel": why_not is None if args.vocab_parallel is None else args.vocab_parallel,
+               "compile": decide_compile(args, shapes_only),
+               "warmup_steps": args.num_steps // 10 if args.warmup_steps is None else args.warmup_steps,
+               "micro_batch_sized": args.batch_size is None and torch.cuda.is_available()}
+    derived["batch_size"] = args.batch_size or 1
+    if derived["micro_batch_sized"]:
+        sized = argparse.Namespace(**vars(args) | derived)
+        derived["batch_size"] = default_micro_batch(sized, config, layout)
+    derived["global_batch_size"] = derived["batch_size"] * args.gradient_accumulation_steps * layout.dp
+    derived["tokens_per_step"] = derived["global_batch_size"] * args.seq_length
+    return argparse.Namespace(**vars(args) | derived)
 
 
-def set_global_batch(args, layout):
-    """The batch arithmetic: sequences and tokens per optimizer step."""
-    args.global_batch_size = args.batch_size * args.gradient_accumulation_steps * layout.dp
-    args.tokens_per_step = args.global_batch_size * args.seq_length
-
-
-def vocab_parallel_refusal(config, shapes_only, tp, deepcompile, heads=None):
-    """Why the vocabulary-parallel head cannot apply here, or None where it does: it needs tp > 1, a tp that
-    divides the vocabulary, and an output head that is a Linear of its own with a name DeepSpeed splits
-    (heads: the partition_config's lm_head_patterns; by default DeepSpeed's), not tied to the input
+def vocab_parallel_refusal(args, config, shapes_only, source, tp):
+    """Why the vocabulary-parallel head cannot apply at this tp, or None where it does: it needs tp > 1, no
+    DeepCompile, a tp that divides the vocabulary, and an output head that is a Linear of its own with a name
+    DeepSpeed splits (the spec source's lm_head_patterns, by default DeepSpeed's), not tied to the input
     embedding."""
-    heads = heads or AutoTPConfig().lm_head_patterns
+    heads = (source.tp_config and source.tp_config.lm_head_patterns) or AutoTPConfig().lm_head_patterns
+    head = shapes_only.get_output_embeddings()
+    name = next((n for n, m in shapes_only.named_modules() if m is head), "").split(".")[-1]
     if tp == 1:
         return "tp is 1"
-    if deepcompile:
+    if args.deepcompile:
         return "DeepCompile's autotp pass cannot take it"
-    if config is not None and config.vocab_size % tp:
+    if config.vocab_size % tp:
         return f"tp {tp} does not divide the {config.vocab_size}-token vocabulary"
-    if shapes_only is not None:
-        head = shapes_only.get_output_embeddings()
-        name = next((n for n, m in shapes_only.named_modules() if m is head), "").split(".")[-1]
-        if not isinstance(head, torch.nn.Linear) or name not in heads:
-            return f"the model has no Linear output head named {' or '.join(heads)}"
-        if head.weight is shapes_only.get_input_embeddings().weight:
-            return "the output head shares its weight with the input embedding"
+    if not isinstance(head, torch.nn.Linear) or name not in heads:
+        return f"the model has no Linear output head named {' or '.join(heads)}"
+    if head.weight is shapes_only.get_input_embeddings().weight:
+        return "the output head shares its weight with the input embedding"
     return None
 
 
 def fitting_tps(config, world_size):
     """The tp sizes of this world that the model's heads and MLP width divide into."""
     return [tp for tp in range(1, world_size + 1) if world_size % tp == 0 and tp_misfit(config, tp) is None]
-
-
-def fit_micro_batch_to_data(args, layout, n_blocks):
-    """A micro-batch sized to the GPU's memory can ask for more sequences per step than the data holds: it is
-    halved until one global batch fits, with one line saying so (a micro-batch given with --batch_size is
-    kept, and check_data_size says what to change). Returns True if it changed."""
-    if not args.micro_batch_sized or n_blocks >= args.global_batch_size:
-        return False
-    while args.batch_size > 1 and args.global_batch_size > n_blocks:
-        args.batch_size //= 2
-        set_global_batch(args, layout)
-    log(layout, f"micro-batch {args.batch_size}: the {n_blocks} training blocks fill no larger global batch")
-    return True
 
 
 # ---- A DeepSpeed config of your own (--deepspeed_config) and DeepSpeed's monitors (--report_to) --
@@ -694,6 +877,8 @@ def read_json(path, flag):
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise UsageError(f"{flag} {path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"{flag} {path} cannot be read ({exc.strerror})") from None
 
 
 def user_ds_config(args):
@@ -738,22 +923,15 @@ def merge_user_config(args, ours, theirs):
 MISSING = object()
 
 
-def run_ds_config(args, source, training, load_universal):
-    """The recipe's DeepSpeed config for this run, with the user's own (--deepspeed_config, --report_to)
-    merged in."""
-    return merge_user_config(args, build_ds_config(args, source.tensor_parallel, training, load_universal),
-                             args.user_deepspeed_config)
-
-
 def training_settings(user_config):
     """A user's DeepSpeed settings that a resumed run must repeat: all but the monitors."""
     return {k: v for k, v in (user_config or {}).items() if k not in MONITORS}
 
 
-def dig(config, dotted):
+def dig(config, dotted, default=MISSING):
     for part in dotted.split("."):
         if not isinstance(config, dict) or part not in config:
-            return MISSING
+            return default
         config = config[part]
     return config
 
@@ -871,6 +1049,9 @@ def spec_source(args, config, shapes_only):
             raise UsageError(f"--partition_config autotp_parser: DeepSpeed uses {model_type}'s Hugging Face "
                              "tp_plan when there is one, never its automatic parser: "
                              "use --partition_config tp_plan")
+        for name, module in shapes_only.named_modules():  # the parser would split every projection
+            if type(module).__name__ == "Conv1D":
+                check_splits_as_linear(name, module)
         return SpecSource("DeepSpeed's automatic parser", {}, None)
     if not Path(given).is_file():
         raise UsageError(f"--partition_config {given} is no file, nor preset:NAME, tp_plan or autotp_parser")
@@ -879,41 +1060,73 @@ def spec_source(args, config, shapes_only):
                       autotp_config(partition_config))
 
 
-# Measured on tiny random models at tp=2 and 4: the sources that pass --verify_tp and keep the whole weights
-# in step for three training steps, per model type, and those found wrong. Files are named by their file name.
-SOURCES_VERIFIED = {
-    "gpt_neox": {"builtin", "gpt_neox.json", "tp_plan"}, "llama": {"llama.json", "preset:llama", "tp_plan"},
-    "mistral": {"llama.json", "preset:llama", "tp_plan"}, "qwen2": {"llama.json", "preset:qwen2", "tp_plan"},
-    "qwen3": {"tp_plan"}, "gemma": {"llama.json", "preset:llama", "tp_plan"}, "phi3": {"preset:phi3"},
-    "mixtral": {"mixtral.json"}, "opt": {"autotp_parser"}}
-SOURCES_WRONG = {
-    ("qwen3", "llama.json"): "q_norm and k_norm need their gradients summed over the TP ranks (the tp_plan "
-                             "does it)",
-    ("qwen3", "preset:qwen2"): "q_norm and k_norm need their gradients summed over the TP ranks (the tp_plan "
-                               "does it)",
-    ("phi3", "preset:phi3"): "its shape (3, -1) cuts a grouped-query qkv_proj into three equal blocks",
-    ("bloom", "preset:bloom"): "the ALiBi biases are built for all heads, not each rank's",
-    ("bloom", "autotp_parser"): "the ALiBi biases are built for all heads, not each rank's",
-    ("falcon", "autotp_parser"): "its row-parallel output is modified in place in the backward pass",
-    ("gpt2", "autotp_parser"): "DeepSpeed's parser does not take its Conv1D layers"}
+def head_kept_whole(source, args, shapes_only, layout, quiet):
+    """The source, or where its own specs split the output head (a preset's, a tp_plan's) over a tp that
+    does not divide it and the vocabulary-parallel head is off, the same specs behind one that keeps the head
+    whole: the head stays whole (one line, unless derive_args said so already), as the built-in specs leave
+    it."""
+    head = shapes_only.get_output_embeddings()
+    name = next((n for n, m in shapes_only.named_modules() if m is head), None)
+    spec = source.tp_config and name and source.tp_config.find_matching_spec(name + ".weight",
+                                                                              shapes_only.config.model_type)
+    if (args.vocab_parallel or not spec or spec.partition_type == PartitionType.SKIP
+            or head.weight.shape[spec.get_partition_dim()] % layout.tp == 0):
+        return source
+    if not quiet:
+        log(layout, f"the output head stays whole on every TP rank: {source.name} splits it, and tp "
+                    f"{layout.tp} does not divide its {head.weight.shape[spec.get_partition_dim()]} rows")
+    specs = [{k: v.value if isinstance(v, PartitionType) else v for k, v in dataclasses.asdict(s).items()
+              if v is not None} for s in source.tp_config.layer_specs]
+    whole = {"patterns": [rf"^{re.escape(name)}\.weight$"], "partition_type": "skip"}
+    partition_config = {"use_default_specs": source.tp_config.use_default_specs,
+                        "layer_specs": [whole, *specs], "lm_head_patterns": source.tp_config.lm_head_patterns}
+    # the source's own head spec now matches nothing: not a fault here
+    return SpecSource(source.name, {"partition_config": partition_config}, autotp_config(partition_config),
+                      every_spec_matches=False)
+
+
+# What each spec source was measured to do on tiny random models at tp 2 and 4, per model type: None, it
+# passes --verify_tp and keeps the whole weights in step for three training steps; a reason: it is wrong
+# there. A spec file is named by its file name. "<type>, grouped-query" is looked up first for such models.
+QK_NORMS = "q_norm and k_norm need their gradients summed over the TP ranks (the tp_plan does it)"
+SOURCE_VERDICTS = {
+    "gpt_neox": {"builtin": None, "gpt_neox.json": None, "tp_plan": None},
+    "llama": {"llama.json": None, "preset:llama": None, "tp_plan": None},
+    "mistral": {"llama.json": None, "preset:llama": None, "tp_plan": None},
+    "qwen2": {"llama.json": None, "preset:qwen2": None, "tp_plan": None},
+    "qwen3": {"tp_plan": None, "llama.json": QK_NORMS, "preset:qwen2": QK_NORMS},
+    "gemma": {"llama.json": None, "preset:llama": None, "tp_plan": None},
+    "phi3": {"preset:phi3": None},
+    "phi3, grouped-query": {"preset:phi3": "its shape (3, -1) cuts a grouped-query qkv_proj into three equal "
+                                           "blocks"},
+    "mixtral": {"mixtral.json": None},
+    "opt": {"autotp_parser": None},
+    "bloom": {"preset:bloom": "the ALiBi biases are built for all heads, not each rank's",
+              "autotp_parser": "the ALiBi biases are built for all heads, not each rank's"},
+    "falcon": {"autotp_parser": "its row-parallel output is modified in place in the backward pass"},
+    "gpt2": {"autotp_parser": "DeepSpeed's parser does not take its Conv1D layers"}}
+
+
+def source_verdict(config, key):
+    """What SOURCE_VERDICTS says of spec source `key` for this model: None (verified), the reason it is wrong,
+    or MISSING (never measured)."""
+    verdicts = SOURCE_VERDICTS.get(config.model_type, {})
+    if getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads):
+        verdicts = verdicts | SOURCE_VERDICTS.get(f"{config.model_type}, grouped-query", {})
+    return verdicts.get(key, MISSING)
 
 
 def warn_about_source(source, config, layout, args):
     """One line where this source was measured wrong for this model type, or has no measurement behind it
     and --verify_tp is not on."""
     given = args.partition_config or "builtin"
-    key = Path(given).name if Path(given).suffix == ".json" else given
-    gqa = getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads)
-    wrong = SOURCES_WRONG.get((config.model_type, key))
-    if wrong and (key != "preset:phi3" or gqa):
-        message = (f"warning: {source.name} was measured wrong for {config.model_type}: {wrong}; "
-                   "README: Which specs")
-    elif key not in SOURCES_VERIFIED.get(config.model_type, ()) and not args.verify_tp:
-        message = (f"warning: {source.name} has not been verified here for {config.model_type}: run once "
-                   "with --verify_tp (and watch for the whole weights drifting apart at the first logs)")
-    else:
-        return
-    log(layout, message)
+    verdict = source_verdict(config, Path(given).name if Path(given).suffix == ".json" else given)
+    if verdict is MISSING and not args.verify_tp:
+        log(layout, f"warning: {source.name} has not been verified here for {config.model_type}: run once "
+                    "with --verify_tp (and watch for the whole weights drifting apart at the first logs)")
+    elif verdict not in (None, MISSING):
+        log(layout, f"warning: {source.name} was measured wrong for {config.model_type}: {verdict}; "
+                    "README: Which specs")
 
 
 @functools.cache
@@ -937,7 +1150,6 @@ def load_partition_config(path):
         raise UsageError(f"--partition_config {path}: expected DeepSpeed's partition_config, "
                          f"{{\"layer_specs\": [...]}} with at least one spec, or the list of specs, got "
                          f"{sorted(data) if isinstance(data, dict) else data}")
-    data.pop("tp_local_config", None)  # older versions' key: localize_head_counts does it for every model now
     unknown = set(data) - PARTITION_CONFIG_KEYS
     if unknown:
         raise UsageError(f"--partition_config {path}: unknown key(s) {sorted(unknown)}; DeepSpeed's "
@@ -1040,6 +1252,7 @@ def plan_partition(model, tp_config, tp, vocab_parallel=False, every_spec_matche
             raise UsageError(f"partition_config strict_mode: no layer spec matches {module_name}.weight; "
                              "add one (partition_type skip keeps it whole) or drop strict_mode")
         if spec is not None and spec.partition_type != PartitionType.SKIP:
+            check_splits_as_linear(module_name, module)
             check_spec_shape(module_name + ".weight", module.weight.shape, spec, tp)
         return spec
 
@@ -1064,9 +1277,19 @@ def plan_partition(model, tp_config, tp, vocab_parallel=False, every_spec_matche
     return plan
 
 
+def check_splits_as_linear(module_name, module):
+    """DeepSpeed's AutoTP training layers split a torch.nn.Linear, whose weight is (out, in). Other layers
+    with a 2-D weight (GPT-2's Conv1D keeps it (in, out)) would be cut on the wrong side: refused."""
+    if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        raise UsageError(f"{module_name} is a {type(module).__name__}, not a torch.nn.Linear: DeepSpeed's "
+                         "AutoTP training layers split a Linear's (out, in) weight and cannot split this "
+                         "one; give it no spec (it stays whole) or use a model whose projections are Linear "
+                         "layers (README: Which specs)")
+
+
 def check_partition(model, plan):
     """After deepspeed.initialize: every planned parameter has its expected local shape."""
-    local = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}  # tied too
+    local = {name: local_shape(p) for name, p in model.named_parameters(remove_duplicate=False)}  # tied too
     for name, (_, global_shape, expected) in plan.items():
         if local.get(name) != expected:
             raise RuntimeError(f"AutoTP left {name} as {local.get(name)}, expected {expected} "
@@ -1123,13 +1346,151 @@ def check_model_fits_tp(config, tp, seq_length):
                          f"{config.max_position_embeddings} positions")
 
 
-# ---- --dry_run: the plan and the memory per rank, no GPU, no weights -----------------------------
+# ---- Memory per rank: the estimate, the micro-batch it sizes, the layouts it advises; --dry_run ------
 
-def dry_run(model, plan, source, layout, args):
-    """--dry_run: every Linear weight, the spec that matched it, global and per-rank shapes, and an
-    estimate of the memory per rank. Needs the config only (the model is on the meta device)."""
-    total = sum(p.numel() for p in model.parameters())
-    local = sum(math.prod(plan[n][2]) if n in plan else p.numel() for n, p in model.named_parameters())
+GPU_MEMORY_USABLE = 0.85  # of a GPU's memory the estimate may fill: the allocator and NCCL need the rest
+
+
+def memory_per_rank_gib(local_params, layout, args):
+    """Model states per rank: weights in the training dtype (ZeRO-3: 1/dp of them); gradients in the training
+    dtype up to ZeRO-1, an fp32 partition (1/dp) from ZeRO-2 on; AdamW's two moments plus fp32 master weights
+    (training in 16 bits), partitioned over dp from ZeRO-1 on. Offloaded (--offload_optimizer), the fp32
+    gradients, masters and moments live on the host ("host": (16 + w) bytes per parameter, 1/dp of them) and
+    the GPU keeps the weights and their gradients in the training dtype on their way out (a bound: they are
+    sent in buckets). "total" is the GPU's part."""
+    width, dp = DTYPES[args.precision].itemsize, layout.dp
+    parts = {"weights": local_params * width / (dp if args.zero_stage == 3 else 1),
+             "gradients": local_params * 4 / dp if args.zero_stage >= 2 else local_params * width,
+             "optimizer": local_params * (8 + (4 if width < 4 else 0)) / (dp if args.zero_stage >= 1 else 1)}
+    if args.offload_optimizer:
+        parts |= {"gradients": local_params * width, "optimizer": 0.0,
+                  "host": local_params * (16 + width) / dp}
+    parts["total"] = parts["weights"] + parts["gradients"] + parts["optimizer"]
+    return {k: v / 2 ** 30 for k, v in parts.items()}
+
+
+def estimated_memory_gib(args, config, tp, dp, vocab_split):
+    """Per rank on the GPU, (model states, activations per sequence) in GiB. States: 12 L h^2 block weights
+    split over tp, the embedding and the head V h each (the head split too when vocab_split), as
+    memory_per_rank_gib counts them; ZeRO-3 adds the weights it gathers for the layers at work (two blocks
+    and the head). Activations: s * L * h * (10 + 24 / tp) bytes in the blocks (Korthikanti et al.'s count for
+    bf16 without the attention scores, which SDPA never stores; with --activation_checkpointing, each block's
+    input and one block's activations) and 8 bytes per token and vocabulary entry for the logits and their
+    fp32 loss where --compile fuses it, 16 where not (the fp32 copy, its log-softmax and its gradient stay),
+    /tp when split."""
+    L, h, V, s = config.num_hidden_layers, config.hidden_size, config.vocab_size, args.seq_length
+    head = V * h / (tp if vocab_split else 1)
+    local_params = 12 * L * h * h / tp + V * h + head
+    states = memory_per_rank_gib(local_params, Layout(0, tp * dp, tp, dp), args)["total"]
+    if args.zero_stage == 3 and dp > 1:
+        states += (2 * 12 * h * h / tp + head) * DTYPES[args.precision].itemsize / 2 ** 30
+    blocks = (2 * L * h + h * (10 + 24 / tp)) if args.activation_checkpointing else L * h * (10 + 24 / tp)
+    return states, s * (blocks + (8 if args.compile else 16) * V / (tp if vocab_split else 1)) / 2 ** 30
+
+
+def gpu_memory_gib(args):
+    """The memory of one GPU: --gpu_memory_gib, or this machine's first GPU; None on a machine without one."""
+    if args.gpu_memory_gib:
+        return args.gpu_memory_gib
+    return torch.cuda.get_device_properties(0).total_memory / 2 ** 30 if torch.cuda.is_available() else None
+
+
+def default_micro_batch(args, config, layout):
+    """The largest power of two of sequences whose activations fit beside the model states in
+    GPU_MEMORY_USABLE of the GPU's memory (estimated_memory_gib)."""
+    states, per_sequence = estimated_memory_gib(args, config, layout.tp, layout.dp, args.vocab_parallel)
+    fits = int((GPU_MEMORY_USABLE * gpu_memory_gib(args) - states) // per_sequence)
+    return 2 ** int(math.log2(fits)) if fits >= 1 else 1
+
+
+# What else a run can be where it does not fit as asked, in the order layout advice tries them: ZeRO-3 also
+# partitions the weights (it pays from dp 2 on), then the optimizer's states go to the host.
+REMEDIES = {"as asked": ({}, ""), "ZeRO-3": ({"zero_stage": 3}, "--zero_stage 3"),
+            "optimizer offloaded": ({"offload_optimizer": True}, "--offload_optimizer")}
+
+
+def layout_table(args, config, shapes_only, source, world_size, wanted):
+    """Every tp x dp of this world the model divides into, with its estimated memory per rank at the run's
+    micro-batch as asked, with ZeRO-3 and with the optimizer offloaded (REMEDIES), and whether each fits the
+    GPU (when its memory is known). Recommended: the smallest tp that fits as asked (TP costs throughput per
+    GPU), or where none does, the smallest with a remedy that fits (`choice` names it). wanted:
+    --vocab_parallel as given (None: where it applies)."""
+    memory, rows = gpu_memory_gib(args), []
+    for tp in fitting_tps(config, world_size):
+        split = wanted is not False and vocab_parallel_refusal(args, config, shapes_only, source, tp) is None
+        row = {"tp": tp, "dp": world_size // tp}
+        for name, (change, _) in REMEDIES.items():
+            states, per_sequence = estimated_memory_gib(argparse.Namespace(**vars(args) | change), config, tp,
+                                                        world_size // tp, split)
+            total = states + args.batch_size * per_sequence
+            row[name] = {"gib_per_rank": total, "states_gib": states,
+                         "fits": None if memory is None else total <= GPU_MEMORY_USABLE * memory}
+        rows.append(row | {"gib_per_rank": row["as asked"]["gib_per_rank"], "fits": row["as asked"]["fits"],
+                           "recommended": False, "choice": None})
+    for name in REMEDIES:
+        best = next((r for r in rows if r[name]["fits"]), None)
+        if best:
+            best["recommended"], best["choice"] = True, name
+            break
+    return rows
+
+
+def advise_layout(args, layouts, layout):
+    """A run on GPUs that another layout of the same GPUs serves better says so: a smaller tp that fits (TP
+    costs throughput per GPU), or where none fits as asked, one with ZeRO-3 or the optimizer offloaded."""
+    best = next((r for r in layouts if r["recommended"]), None)
+    if best and torch.cuda.is_available() and (best["tp"] < layout.tp or best["choice"] != "as asked"):
+        flags = REMEDIES[best["choice"]][1]
+        log(layout, f"note: tp {best['tp']} x dp {best['dp']}{' with ' + flags if flags else ''} would fit "
+                    f"({best[best['choice']]['gib_per_rank']:.0f} GiB per rank estimated, of "
+                    f"{gpu_memory_gib(args):.0f}) and TP costs throughput per GPU (README: TP where it "
+                    f"pays): --tp_size {best['tp']} --dp_size {best['dp']} {flags}".rstrip())
+
+
+def check_fits(args, config, shapes_only, source, layout, wanted):
+    """A GPU run whose estimate exceeds the GPU's memory (its model states alone, or with its micro-batch, one
+    sequence where the micro-batch was sized) is refused before any weight loads, in one line naming what
+    would fit: this world's other layouts with ZeRO-3 or the optimizer offloaded, activation checkpointing,
+    or more GPUs. All from estimated_memory_gib."""
+    memory = gpu_memory_gib(args)
+    if memory is None or args.dry_run or not torch.cuda.is_available():
+        return
+    usable = GPU_MEMORY_USABLE * memory
+    states, per_sequence = estimated_memory_gib(args, config, layout.tp, layout.dp, args.vocab_parallel)
+    if states + args.batch_size * per_sequence <= usable:
+        return
+
+    def fitting(settings, world):
+        rows = layout_table(settings, config, shapes_only, source, world, wanted)
+        return [f"tp {r['tp']} x dp {r['dp']}{' ' + flags if flags else ''} ({r[n]['gib_per_rank']:.0f} GiB)"
+                for r in rows for n, (_, flags) in REMEDIES.items() if r[n]["fits"]]
+
+    one = argparse.Namespace(**vars(args) | {"batch_size": 1 if args.micro_batch_sized else args.batch_size})
+    ways = fitting(one, layout.world_size)[:3]
+    if not args.activation_checkpointing:
+        ways += [f"{w} with --activation_checkpointing" for w in fitting(
+            argparse.Namespace(**vars(one) | {"activation_checkpointing": True}), layout.world_size)[:1]]
+    world = next((w for w in (2, 4, 8, 16, 32, 64, 128, 256) if w > layout.world_size and fitting(one, w)),
+                 None)
+    if world:
+        ways.append(f"{world} GPUs at {fitting(one, world)[0]}")
+    what = (f"the model states alone need {states:.1f} GiB" if states > usable else
+            f"{states:.1f} GiB of model states and {args.batch_size} x {per_sequence:.1f} GiB of activations "
+            f"need {states + args.batch_size * per_sequence:.1f} GiB")
+    raise UsageError(f"{what} per GPU at tp {layout.tp} x dp {layout.dp} (estimate), more than the "
+                     f"{usable:.0f} GiB usable of {memory:.0f}: "
+                     + (f"what fits: {'; '.join(ways)}" if ways else "nothing fits on 256 GPUs of this size")
+                     + " (README: TP where it pays)")
+
+
+def dry_run(run):
+    """--dry_run: every Linear weight, the spec that matched it, global and per-rank shapes, an estimate of
+    the memory per rank, and every layout of the world. Needs the config only (the model is on the meta
+    device)."""
+    args, layout, plan, source = run.args, run.layout, run.plan, run.source
+    total = run.stats["parameters"]
+    local = sum(math.prod(plan[n][2]) if n in plan else p.numel()
+                for n, p in run.shapes_only.named_parameters())
     rows, table = plan_rows(plan, source), plan_table(plan, source, layout.tp, every_weight=True)
     memory = memory_per_rank_gib(local, layout, args)
     lines = [f"dry run: {args.model_name} ({total / 1e6:,.1f}M parameters), tp={layout.tp}, dp={layout.dp}, "
@@ -1146,48 +1507,26 @@ def dry_run(model, plan, source, layout, args):
     warnings = [f"warning: {r['weight']} {r['global']} ({math.prod(r['global']) / 1e6:.1f}M parameters, "
                 f"{100 * math.prod(r['global']) / total:.0f}% of the model) stays whole on every TP rank"
                 for r in rows if r["type"] == "replicated" and math.prod(r["global"]) > 0.02 * total]
-    log(layout, "\n".join(lines + warnings))
-    return {"dry_run": rows, "memory_per_rank_gib": memory, "warnings": warnings}
-
-
-def memory_per_rank_gib(local_params, layout, args):
-    """Model states per rank: weights in the training dtype; with ZeRO-2 an fp32 gradient partition (1/dp),
-    otherwise full gradients in the training dtype; AdamW's two moments plus fp32 master weights (when
-    training in 16 bits), partitioned over dp from ZeRO-1 on."""
-    width = DTYPES[args.precision].itemsize
-    grads = local_params * 4 / layout.dp if args.zero_stage >= 2 else local_params * width
-    optimizer = local_params * (8 + (4 if width < 4 else 0)) / (layout.dp if args.zero_stage >= 1 else 1)
-    parts = {"weights": local_params * width, "gradients": grads, "optimizer": optimizer}
-    parts["total"] = sum(parts.values())
-    return {k: v / 2 ** 30 for k, v in parts.items()}
-
-
-def print_layouts(args, config, layout):
-    """--dry_run: every tp x dp of the world, one line each, the recommended one marked."""
-    rows, memory = layout_table(args, config, layout.world_size, layout.tp)
-    where = (f"{memory:.0f} GiB ({GPU_MEMORY_USABLE:.0%} usable)" if memory
+    gpu = gpu_memory_gib(args)
+    where = (f"{gpu:.0f} GiB ({GPU_MEMORY_USABLE:.0%} usable)" if gpu
              else "a GPU (give --gpu_memory_gib to judge)")
-    lines = [f"layouts of {layout.world_size} ranks at micro-batch {args.batch_size} x {args.seq_length} "
-             f"tokens (estimate: model states + activations), on {where}:"]
-    for r in rows:
-        fit = "" if r["fits"] is None else ", fits" if r["fits"] else ", does not fit"
-        mark = "   <- recommended: the smallest tp that fits" if r["recommended"] else ""
-        lines.append(f"  tp {r['tp']} x dp {r['dp']}: {r['gib_per_rank']:.1f} GiB per rank{fit}{mark}")
+    lines += warnings + [f"layouts of {layout.world_size} ranks at micro-batch {args.batch_size} x "
+                         f"{args.seq_length} tokens (estimate: model states + activations, GiB per rank as "
+                         f"asked; with ZeRO-3; with the optimizer offloaded), on {where}:"]
+
+    def fit(cell):
+        return "" if cell["fits"] is None else ", fits" if cell["fits"] else ", does not fit"
+
+    for r in run.layouts:
+        mark = ""
+        if r["recommended"]:
+            flags = REMEDIES[r["choice"]][1]
+            mark = f"   <- recommended: the smallest tp that fits{' with ' + flags if flags else ''}"
+        lines.append(f"  tp {r['tp']} x dp {r['dp']}: {r['gib_per_rank']:.1f} GiB per rank{fit(r)}; "
+                     + "; ".join(f"{name} {r[name]['gib_per_rank']:.1f}{fit(r[name])}" for name in REMEDIES
+                                 if name != "as asked") + mark)
     log(layout, "\n".join(lines))
-    return {"layouts": rows}
-
-
-def advise_smaller_tp(args, config, layout):
-    """A run on GPUs whose smaller-tp layout would fit too says so (TP costs throughput per GPU)."""
-    if layout.tp == 1 or not torch.cuda.is_available():
-        return
-    rows, memory = layout_table(args, config, layout.world_size, layout.tp)
-    smaller = next((r for r in rows if r["fits"] and r["tp"] < layout.tp), None)
-    if smaller:
-        log(layout, f"note: tp {smaller['tp']} x dp {smaller['dp']} would fit too "
-                    f"({smaller['gib_per_rank']:.0f} GiB per rank estimated, of {memory:.0f}) and TP costs "
-                    "throughput per GPU (README: TP where it pays): "
-                    f"--tp_size {smaller['tp']} --dp_size {smaller['dp']}")
+    return {"dry_run": rows, "memory_per_rank_gib": memory, "warnings": warnings, "layouts": run.layouts}
 
 
 # ---- Processes and data: the process group, text, tokenizer, packed blocks -----------------------
@@ -1247,10 +1586,10 @@ def embedded_corpus(cache_dir, large=False):
     """Text that ships with every Python, one JSON line per document: its English help topics
     (pydoc_data.topics, ~465 KB), or, large, the source of its standard library outside the test folders
     (~12 MB of .py files, enough for full 2048-token batches on a GPU)."""
-    path = Path(cache_dir) / f"{'stdlib' if large else 'pydoc_topics'}_{platform.python_version()}.jsonl"
+    path = Path(cache_dir) / f"{'stdlib' if large else 'pydoc_topics'}_{sys.version.split()[0]}.jsonl"
     if not path.exists():
         if large:
-            stdlib, docs = Path(sysconfig.get_paths()["stdlib"]), []
+            stdlib, docs = Path(os.__file__).parent, []
             skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
             for file in sorted(stdlib.rglob("*.py")):
                 if not skip & set(file.relative_to(stdlib).parts):
@@ -1268,7 +1607,12 @@ def load_text(args):
     def load_file(path):
         builder = TEXT_FILE_BUILDERS[Path(path).suffix]
         extra = {"sample_by": "paragraph"} if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files=path, split="train", **extra)
+        try:
+            return datasets.load_dataset(builder, data_files=path, split="train", **extra)
+        except datasets.exceptions.DatasetGenerationError as exc:
+            if isinstance(exc.__cause__, UnicodeDecodeError):  # past the part the flag's check read
+                raise UsageError(not_utf8(path, exc.__cause__, "past its first MiB")) from None
+            raise
 
     if args.dataset_name:
         raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name,
@@ -1315,12 +1659,29 @@ def train_bpe_tokenizer(train_text, text_column, vocab_size, cache_dir):
     return transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>")
 
 
-def load_tokenizer(args, raw):
-    if args.tokenizer_name or builtin_shape(args.model_name) is None:
-        flag = "--tokenizer_name" if args.tokenizer_name else "--model_name"
-        return from_hub(AutoTokenizer.from_pretrained, args.tokenizer_name or args.model_name, flag,
-                        trust_remote_code=args.trust_remote_code)
-    return train_bpe_tokenizer(raw["train"], args.text_column, BUILTIN_TOKENIZER_VOCAB, args.cache_dir)
+# Files of which a directory holding a tokenizer has at least one (Hugging Face's fast and slow formats)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def tokenizer_name(args):
+    """Where the tokenizer comes from: --tokenizer_name, the model's own, or None: a byte-level BPE trained on
+    the training text, for built-in shapes and for a model directory that holds no tokenizer."""
+    if args.tokenizer_name:
+        return args.tokenizer_name
+    directory = Path(args.model_name)
+    if builtin_shape(args.model_name) is not None or (
+            directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES)):
+        return None
+    return args.model_name
+
+
+def load_tokenizer(args, raw, vocab_size):
+    name = tokenizer_name(args)
+    if name is None:
+        return train_bpe_tokenizer(raw["train"], args.text_column, min(BUILTIN_TOKENIZER_VOCAB, vocab_size),
+                                   args.cache_dir)
+    return from_hub(AutoTokenizer.from_pretrained, name, "--tokenizer_name" if args.tokenizer_name
+                    else "--model_name", trust_remote_code=args.trust_remote_code)
 
 
 def pack_into_blocks(raw, tokenizer, seq_length, text_column, num_proc=None):
@@ -1341,13 +1702,13 @@ def pack_into_blocks(raw, tokenizer, seq_length, text_column, num_proc=None):
                    desc=f"tokenize + pack into {seq_length}-token blocks")
 
 
-def prepare_data(args):
+def prepare_data(args, vocab_size):
     """Raw text -> tokenizer -> packed blocks. Run on local rank 0 first (leader_first)."""
     raw = load_text(args)
     for name, split in raw.items():
         if len(split) == 0:
             raise UsageError(f"the {name} data has no documents")
-    tokenizer = load_tokenizer(args, raw)
+    tokenizer = load_tokenizer(args, raw, vocab_size)
     workers = args.preprocessing_num_workers
     if workers is None and len(raw["train"]) >= 8000:  # worth the processes: half the cores, at most 8
         workers = max(1, min(8, (os.cpu_count() or 2) // 2))
@@ -1355,66 +1716,26 @@ def prepare_data(args):
     return tokenizer, blocks.with_format("torch")
 
 
-def check_data_size(blocks, args):
-    if len(blocks["train"]) < args.global_batch_size:
-        raise UsageError(f"{len(blocks['train'])} training blocks of {args.seq_length} tokens cannot fill "
-                         f"one global batch of {args.global_batch_size}: "
-                         "lower --seq_length/--batch_size or add data")
+def check_data(run, tokenizer, blocks):
+    """The data fits the model and fills at least one global batch and one evaluation block."""
+    args = run.args
+    if len(tokenizer) > run.config.vocab_size:
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens, "
+                         f"the model only {run.config.vocab_size} embeddings")
+    n = len(blocks["train"])
+    if n < args.global_batch_size:
+        fits = n // (args.gradient_accumulation_steps * args.dp_size)
+        fix = "lower --seq_length/--batch_size or add data"
+        if args.micro_batch_sized and fits:
+            fix = f"pass --batch_size {2 ** int(math.log2(fits))} (the default was sized to the GPU's memory)"
+        raise UsageError(f"{n} training blocks of {args.seq_length} tokens cannot fill one global batch of "
+                         f"{args.global_batch_size}: {fix}")
     if len(blocks["validation"]) == 0:
         raise UsageError(f"the held-out text fills no block of {args.seq_length} tokens: raise "
                          "--validation_split_percentage, lower --seq_length or give --validation_file")
 
 
 # ---- Model: config, weights, and torch.compile of the sharded blocks -----------------------------
-
-GPU_MEMORY_USABLE = 0.85  # of a GPU's memory the estimate may fill: the allocator and NCCL need the rest
-
-
-def estimated_memory_gib(args, config, tp, dp, vocab_split):
-    """Per rank, (model states, activations per sequence) in GiB. States: 12 L h^2 block weights split over
-    tp, the embedding and the head V h each (the head split too when vocab_split), as memory_per_rank_gib
-    counts them. Activations: s * L * h * (10 + 24 / tp) bytes in the blocks (Korthikanti et al.'s count for
-    bf16 without the attention scores, which SDPA never stores) and 8 bytes per token and vocabulary entry
-    for the logits and their fp32 loss (/tp when split)."""
-    L, h, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
-    local_params = 12 * L * h * h / tp + V * h * (1 + (1 / tp if vocab_split else 1))
-    states = memory_per_rank_gib(local_params, Layout(0, tp * dp, tp, dp), args)["total"]
-    per_sequence = args.seq_length * (L * h * (10 + 24 / tp) + 8 * V / (tp if vocab_split else 1))
-    return states, per_sequence / 2 ** 30
-
-
-def gpu_memory_gib(args):
-    """The memory of one GPU: --gpu_memory_gib, or this machine's first GPU; None on a machine without one."""
-    if args.gpu_memory_gib:
-        return args.gpu_memory_gib
-    return torch.cuda.get_device_properties(0).total_memory / 2 ** 30 if torch.cuda.is_available() else None
-
-
-def default_micro_batch(args, config, layout):
-    """The largest power of two of sequences whose activations fit beside the model states in
-    GPU_MEMORY_USABLE of the GPU's memory (estimated_memory_gib)."""
-    states, per_sequence = estimated_memory_gib(args, config, layout.tp, layout.dp, args.vocab_parallel)
-    fits = int((GPU_MEMORY_USABLE * gpu_memory_gib(args) - states) // per_sequence)
-    return 2 ** int(math.log2(fits)) if fits >= 1 else 1
-
-
-def layout_table(args, config, world_size, current_tp):
-    """Every tp x dp of this world the model divides into, with its estimated memory per rank at the
-    micro-batch asked, whether it fits the GPU (when its memory is known), and the recommended one: the
-    smallest tp that fits (TP costs throughput per GPU)."""
-    memory, rows = gpu_memory_gib(args), []
-    for tp in fitting_tps(config, world_size):
-        split = (tp > 1 and config.vocab_size % tp == 0 and not args.deepcompile
-                 and (args.vocab_parallel or current_tp == 1))
-        states, per_sequence = estimated_memory_gib(args, config, tp, world_size // tp, split)
-        total = states + args.batch_size * per_sequence
-        rows.append({"tp": tp, "dp": world_size // tp, "gib_per_rank": total, "states_gib": states,
-                     "fits": None if memory is None else total <= GPU_MEMORY_USABLE * memory})
-    recommended = next((r for r in rows if r["fits"]), None)
-    for r in rows:
-        r["recommended"] = r is recommended
-    return rows, memory
-
 
 def load_config(args):
     """The model's config, cheap: checks run on it before any weight is loaded."""
@@ -1468,7 +1789,8 @@ def build_model(args, config, dtype, where="cpu", weights=None):
     """The whole model on `where`, its weights from `weights` (default: those of the run, see model_weights):
     the unsharded reference of --verify_tp and of the tests."""
     model = empty_model(args, config, dtype, where)
-    fill_weights(model, weights or model_weights(args, config, dtype, where), tp_rank=0, tp=1)
+    weights = weights or model_weights(args, config, dtype, where, meta_model(config, args.trust_remote_code))
+    fill_weights(model, weights, tp_rank=0, tp=1)
     return model
 
 
@@ -1525,79 +1847,66 @@ class RandomWeights:
 
 
 class CheckpointWeights:
-    """A safetensors checkpoint, memory-mapped: a tensor read from it is backed by the file's pages, so taking
-    a rank's slice reads only that slice into memory. Its names are the model's after transformers' own
-    renaming (Pythia's embed_out becomes lm_head); a checkpoint whose tensors transformers must transform
-    (fuse, split) on load raises NeedsTransformers. Names and shapes are checked against the model up
-    front."""
+    """A checkpoint's tensors, read by the model's names (`read(name)`): from its safetensors files (see
+    safetensors_weights), or from the state dict transformers loaded whole on the host."""
     has_buffers = True
 
-    def __init__(self, directory, shapes_only, where):
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, rename_source_key
-        directory = Path(directory)
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            files = json.loads(index.read_text())["weight_map"]
-        else:
-            with safe_open(str(directory / "model.safetensors"), "pt") as f:
-                files = {key: "model.safetensors" for key in f.keys()}
-        opened = {file: safe_open(str(directory / file), "pt") for file in set(files.values())}
-        mapping = get_model_conversion_mapping(shapes_only)
-        converters = [m for m in mapping if isinstance(m, WeightConverter)]
-        renamings = [m for m in mapping if not isinstance(m, WeightConverter)]
-        expected = dict(shapes_only.named_parameters()) | persistent_buffers(shapes_only)
-        self.tensors = {}  # the model's name -> (the file holding it, the name there)
-        for key, file in files.items():
-            name, converted = rename_source_key(key, renamings, converters, shapes_only.base_model_prefix,
-                                                expected)
-            if converted:
-                raise NeedsTransformers(f"transformers transforms {key} when it loads it")
-            self.tensors[name if name in expected else key] = (opened[file], key)
-        self.description = f"the checkpoint {directory}"
-        for name, tensor in expected.items():
-            if name not in self.tensors:
-                missing = [n for n in expected if n not in self.tensors]
-                raise UsageError(f"{where}: the checkpoint in {directory} has no tensor {name} (and "
-                                 f"{len(missing) - 1} more): is it a checkpoint of this model?")
-            file, key = self.tensors[name]
-            shape = tuple(file.get_slice(key).get_shape())
-            if shape != tuple(tensor.shape):
-                raise UsageError(f"{where}: the checkpoint in {directory} holds {name} as {shape}, the model "
-                                 f"expects {tuple(tensor.shape)}: is it a checkpoint of this model?")
+    def __init__(self, read, description):
+        self.read, self.description = read, description
 
     def whole(self, wanted):
         for name in wanted:
-            file, key = self.tensors[name]
-            yield name, file.get_tensor(key)
+            yield name, self.read(name)
 
 
-class NeedsTransformers(Exception):
-    """A checkpoint that only transformers' own loading can read."""
-
-
-class StateDictWeights:
-    """Weights transformers loaded whole on the host: for checkpoints without safetensors files."""
-
-    has_buffers = True
-
-    def __init__(self, state_dict, description):
-        self.state_dict, self.description = state_dict, description
-
-    def whole(self, wanted):
-        for name in wanted:
-            yield name, self.state_dict[name]
+def safetensors_weights(directory, shapes_only, where):
+    """CheckpointWeights over a directory's safetensors files, memory-mapped: a tensor read from them is
+    backed by the file's pages, so taking a rank's slice reads only that slice into memory. Their names become
+    the model's through transformers' own renaming (Pythia's embed_out becomes lm_head), and names and shapes
+    are checked against the model up front. None where transformers must transform a tensor (fuse, split) as
+    it loads it: only its own loading can read such a checkpoint."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = json.loads(index.read_text())["weight_map"]
+    else:
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            files = {key: "model.safetensors" for key in f.keys()}
+    opened = {file: safe_open(str(directory / file), "pt") for file in set(files.values())}
+    mapping = get_model_conversion_mapping(shapes_only)
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    renamings = [m for m in mapping if not isinstance(m, WeightConverter)]
+    expected = dict(shapes_only.named_parameters()) | persistent_buffers(shapes_only)
+    tensors = {}  # the model's name -> (the file holding it, the name there)
+    for key, file in files.items():
+        name, converted = rename_source_key(key, renamings, converters, shapes_only.base_model_prefix,
+                                            expected)
+        if converted:
+            return None
+        tensors[name if name in expected else key] = (opened[file], key)
+    for name, tensor in expected.items():
+        if name not in tensors:
+            missing = [n for n in expected if n not in tensors]
+            raise UsageError(f"{where}: the checkpoint in {directory} has no tensor {name} (and "
+                             f"{len(missing) - 1} more): is it a checkpoint of this model?")
+        file, key = tensors[name]
+        shape = tuple(file.get_slice(key).get_shape())
+        if shape != tuple(tensor.shape):
+            raise UsageError(f"{where}: the checkpoint in {directory} holds {name} as {shape}, the model "
+                             f"expects {tuple(tensor.shape)}: is it a checkpoint of this model?")
+    return CheckpointWeights(lambda name: tensors[name][0].get_tensor(tensors[name][1]),
+                             f"the checkpoint {directory}")
 
 
 def persistent_buffers(model):
     return {name: b for name, b in model.named_buffers() if name in model.state_dict()}
 
 
-def model_weights(args, config, dtype, device, shapes_only=None):
+def model_weights(args, config, dtype, device, shapes_only):
     """Where the weights come from: random for builtin: shapes and --random_init, otherwise the model's
-    safetensors files (downloaded first, by one rank per node); a checkpoint with none is loaded whole
-    on the host by transformers. shapes_only: the model on the meta device, if already built."""
-    shapes_only = shapes_only or meta_model(config, args.trust_remote_code)
+    safetensors files (downloaded first, by one rank per node); a checkpoint that has none, or whose tensors
+    transformers transforms on load, is loaded whole on the host by transformers."""
     if builtin_shape(args.model_name) is not None or args.random_init:
         return RandomWeights(shapes_only, args.seed, device)
     directory = Path(args.model_name)
@@ -1605,22 +1914,44 @@ def model_weights(args, config, dtype, device, shapes_only=None):
         from huggingface_hub import snapshot_download
         directory = Path(from_hub(lambda name, **kw: snapshot_download(name, allow_patterns=["*.safetensors",
                                   "*.safetensors.index.json"], **kw), args.model_name, "--model_name"))
-    why = "it has no safetensors files"
-    if any(directory.glob("*.safetensors")):
-        try:
-            return CheckpointWeights(directory, shapes_only, f"--model_name {args.model_name}")
-        except NeedsTransformers as exc:
-            why = str(exc)
+    weights = (safetensors_weights(directory, shapes_only, f"--model_name {args.model_name}")
+               if any(directory.glob("*.safetensors")) else None)
+    if weights:
+        return weights
+    why = "transformers transforms its tensors on load" if any(directory.glob("*.safetensors")) else (
+        "it has no safetensors files")
     model = from_hub(AutoModelForCausalLM.from_pretrained, args.model_name, "--model_name", config=config,
                      dtype=dtype, trust_remote_code=args.trust_remote_code)
-    return StateDictWeights(model.state_dict(), f"{args.model_name}, read whole on the host ({why})")
+    return CheckpointWeights(model.state_dict().__getitem__,
+                             f"{args.model_name}, read whole on the host ({why})")
+
+
+def is_zero3(param):
+    """A parameter ZeRO-3 has partitioned over the DP group: outside a forward or backward pass its values
+    live in param.ds_tensor, this rank's piece of the flattened (TP-local) tensor; param.data is empty."""
+    return hasattr(param, "ds_id")
+
+
+def local_shape(param):
+    """The shape of this TP rank's parameter, whether or not ZeRO-3 has partitioned it further."""
+    return tuple(param.ds_shape) if is_zero3(param) else tuple(param.shape)
+
+
+def zero3_piece(param, flat):
+    """This DP rank's piece of a ZeRO-3 parameter's flattened values (ZeRO-3 cuts them into equal pieces in
+    DP-rank order, the last one padded): (start, length)."""
+    size = param.ds_tensor.numel()
+    start = size * dist.get_rank(group=param.ds_process_group)
+    return start, max(0, min(size, flat - start))
 
 
 @torch.no_grad()
 def fill_weights(model, weights, tp_rank, tp, show_progress=False):
     """Write every parameter (and persistent buffer) of `model` from `weights`: where AutoTP split it, only
     this rank's slice, cut by the record DeepSpeed keeps on each split parameter (the one its universal
-    checkpoints are restored with: the layer's own split sizes, uneven and fused layouts included)."""
+    checkpoints are restored with: the layer's own split sizes, uneven and fused layouts included); where
+    ZeRO-3 partitioned it further over the DP group, only this DP rank's piece of that slice (ds_tensor, which
+    ZeRO-3's flat 16-bit buffer holds: refresh_fp32_params then copies it to the fp32 masters)."""
     wanted = dict(model.named_parameters())
     if weights.has_buffers:
         wanted |= persistent_buffers(model)
@@ -1629,7 +1960,12 @@ def fill_weights(model, weights, tp_rank, tp, show_progress=False):
                            delay=3, disable=not show_progress):
         target = wanted[name]
         mine = _resolve_autotp_partition(target, None, full, tp_rank, tp) if tp > 1 else None
-        target.copy_((full if mine is None else mine).view(target.shape))
+        mine = full if mine is None else mine
+        if is_zero3(target):
+            start, length = zero3_piece(target, mine.numel())
+            target.ds_tensor.zero_()[:length].copy_(mine.reshape(-1)[start:start + length])
+        else:
+            target.copy_(mine.view(target.shape))
         left.discard(name)
     if left:
         raise RuntimeError(f"{weights.description} wrote no value to {sorted(left)[:3]}")
@@ -1651,31 +1987,31 @@ def staging_place(args, n_params, dtype, device):
     return device, f"on the GPU ({size_gib:.1f} GiB of weights, {free_gib:.1f} GiB free)"
 
 
-def build_sharded_model(args, config, shapes_only, layout, ds_config, device, clock, specs_name,
-                        training=True, probe=None):
+def build_sharded_model(run, device, clock, probe=None):
     """Each rank builds or reads only the weights it will hold: the model stands empty (on the GPU, or on the
     host when it does not fit, see staging_place), deepspeed.initialize cuts it into this rank's shards, and
     then every shard is written from the weights: random ones made one module at a time on the device, or
     this rank's slices of the checkpoint's tensors. ZeRO's fp32 master weights are then refreshed from them.
     With a probe (--verify_tp), rank 0 first computes the unsharded reference on a whole model, then frees it.
     Returns the engine and the reference (None without a probe or off rank 0)."""
+    args, config, layout = run.args, run.config, run.layout
     dtype = DTYPES[args.precision]
-    place, why = staging_place(args, sum(p.numel() for p in shapes_only.parameters()), dtype, device)
-    weights = leader_first(lambda: model_weights(args, config, dtype, device, shapes_only),
+    place, why = staging_place(args, run.stats["parameters"], dtype, device)
+    weights = leader_first(lambda: model_weights(args, config, dtype, device, run.shapes_only),
                            args.local_rank == 0)
     reference = None
     if probe is not None and layout.rank == 0:
         whole = build_model(args, config, dtype, place, weights)
-        reference = unsharded_outputs(whole, probe)
+        reference = module_outputs(whole, probe.to(place))
         del whole
     model = empty_model(args, config, dtype, place)
     if device.type == "cuda":  # GPU memory before deepspeed.initialize slices: the whole model when staged
         clock.figures["gpu_memory_before_slicing_gib"] = torch.cuda.memory_allocated(device) / 2 ** 30
     clock.lap("model", f"{weights.description}; the empty model {why}")
     try:
-        engine = build_engine(model, args, layout, ds_config, training=training)
+        engine = build_engine(model, args, layout, run.ds_config, training=run.training)
     except (AssertionError, ValueError, NotImplementedError) as exc:  # DeepSpeed refusing the model or specs
-        raise UsageError(f"deepspeed.initialize could not shard {args.model_name} with {specs_name}: "
+        raise UsageError(f"deepspeed.initialize could not shard {args.model_name} with {run.source.name}: "
                          f"{' '.join(str(exc).split())[:300]}") from None
     del model
     tp_rank = groups.get_tensor_model_parallel_rank() if layout.tp > 1 else 0
@@ -1684,7 +2020,7 @@ def build_sharded_model(args, config, shapes_only, layout, ds_config, device, cl
     if hasattr(engine.optimizer, "refresh_fp32_params"):  # ZeRO's master copy was taken from the empty model
         engine.optimizer.refresh_fp32_params()
     held = (f"tp rank {tp_rank} of {layout.tp} holds "
-            f"{sum(p.numel() for p in engine.module.parameters()) / 1e6:,.1f}M parameters")
+            f"{sum(math.prod(local_shape(p)) for p in engine.module.parameters()) / 1e6:,.1f}M parameters")
     if device.type == "cuda":  # the peak since DeepSpeed last reset it inside deepspeed.initialize
         clock.figures["loading_peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         held += (f", GPU memory {clock.figures['gpu_memory_before_slicing_gib']:.1f} GiB before slicing, "
@@ -1702,11 +2038,17 @@ def repeated_blocks(model):
 
 def decide_compile(args, model):
     """--compile / --no-compile as given; by default on with CUDA GPUs, where it was measured faster, and
-    off on CPU, where compiling takes longer than a short run saves and needs a C++ compiler. Checked on
-    the shapes-only model, before any weight is loaded."""
+    off on CPU, where compiling takes longer than a short run saves and needs a C++ compiler, and under
+    ZeRO-3: there the compiled blocks computed wrong gradients on a GPU (ZeRO-3 gathers each layer's weights
+    in hooks around its forward and backward). Checked on the shapes-only model, before any weight loads."""
     blocks = repeated_blocks(model)
     if args.compile is None:
-        return get_accelerator().device_name() == "cuda" and bool(blocks) and not args.deepcompile
+        return (get_accelerator().device_name() == "cuda" and bool(blocks) and not args.deepcompile
+                and args.zero_stage != 3)
+    if args.compile and args.zero_stage == 3:
+        raise UsageError("--compile cannot be combined with --zero_stage 3: its compiled blocks computed "
+                         "wrong gradients under ZeRO-3's weight gathering; use --no-compile or --zero_stage "
+                         "1 or 2")
     if args.compile and not blocks:
         raise UsageError(f"--compile: {type(model).__name__} names no repeated blocks (_no_split_modules); "
                          "use --no-compile")
@@ -1782,18 +2124,22 @@ def check_replicated_in_sync(model, layout, step):
     """At each log: every weight the TP ranks hold whole must still be the same on all of them. Specs
     can pass --verify_tp (the forward) yet train wrong: a weight used on each rank's heads only (Qwen3's
     q_norm, k_norm) gets a partial gradient on each rank unless its spec sums the gradient over the TP group
-    (grad_allreduce), and the copies drift apart (with AdamW, from the second step)."""
+    (grad_allreduce), and the copies drift apart (with AdamW, from the second step). Under ZeRO-3 each rank
+    compares the piece it owns (TP peers own the same piece)."""
     if layout.tp == 1:
         return
     whole = [(n, p) for n, p in model.named_parameters()
              if not getattr(p, "tensor_model_parallel", False)]  # AutoTP marks the weights it splits
-    sums = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().abs().sum()])
-                        for _, p in whole])
+    pieces = [p.ds_tensor[:zero3_piece(p, p.ds_numel)[1]] if is_zero3(p) else p.detach() for _, p in whole]
+    sums = torch.stack([torch.stack([v.double().sum(), v.double().abs().sum()]) for v in pieces])
     gathered = [torch.empty_like(sums) for _ in range(layout.tp)]
     dist.all_gather(gathered, sums, group=groups.get_tensor_model_parallel_group())
     # Equal to rounding (1e-6 of the weight size): a partial gradient moves them by the learning rate's order.
     spread = (torch.stack(gathered) - gathered[0]).abs().amax(dim=(0, 2))
-    differ = [n for i, (n, _) in enumerate(whole) if spread[i] > 1e-6 * (gathered[0][i, 1] + 1e-12)]
+    bad = (spread > 1e-6 * (gathered[0][:, 1] + 1e-12)).float()
+    # every rank takes the same verdict: other TP groups (and under ZeRO-3 other pieces) checked other values
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    differ = [n for (n, _), b in zip(whole, bad) if b]
     if differ:
         raise UsageError(f"at step {step} {differ[0]} (and {len(differ) - 1} more) differ across the TP "
                          "ranks that hold them whole: each rank's gradient is only part of the sum; "
@@ -1808,15 +2154,11 @@ def gather_vocab_shards(logits):
     return torch.cat(shards, dim=-1)
 
 
-def unsharded_outputs(model, probe):
-    """The reference: the whole model's outputs on the probe, computed where the model stands."""
-    return module_outputs(model, probe.to(next(model.parameters()).device))
-
-
-def verify_tp(engine, probe, reference, plan, layout, args):
+def verify_tp(engine, probe, reference, plan, run):
     """Compare the sharded model with the unsharded one module by module (where both produce the same
     shape: column-parallel outputs are shards, checked through the modules after them). Rank 0 judges,
     every rank learns the verdict; a difference beyond the precision's tolerance stops the run."""
+    args, layout = run.args, run.layout
     with model_code_errors("in its first forward pass (--verify_tp)"):
         loss, logits, outputs = module_outputs(engine.module, probe, keep=layout.rank == 0,
                                                vocab_parallel=args.vocab_parallel)
@@ -1872,44 +2214,118 @@ POINTER = "latest"  # DeepSpeed's own name: engine.load_checkpoint(dir) follows 
 def check_output_dir(path):
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
     except OSError as exc:
         raise UsageError(f"--output_dir {path} is not writable ({exc.strerror}): pick another directory")
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"--output_dir {path} is not writable: pick another directory")
 
 
-def find_checkpoint(args):
-    """--resume_from_checkpoint -> (checkpoint directory, its run.json). Runs before any heavy work."""
+# What a checkpoint fixes (the model, its tokenizer and specs, the data and its order, the shapes and the
+# precision): a resumed run or an export takes them from its run.json, and a flag given again must agree.
+SAME_ON_RESUME = ("model_name", "tokenizer_name", "partition_config", "dataset_name", "dataset_config_name",
+                  "train_file", "validation_file", "text_column", "validation_split_percentage", "seq_length",
+                  "precision", "seed", "offload_optimizer")
+# The rest of the run's plan: taken from the checkpoint too, unless given again (then the new value holds).
+RESUMED_PLAN = ("random_init", "trust_remote_code", "num_steps", "learning_rate", "weight_decay",
+                "warmup_steps", "max_grad_norm", "deepspeed_config", "zero_stage", "log_interval",
+                "eval_interval", "save_interval", "keep_last")
+
+
+def locate_checkpoint(args):
+    """--resume_from_checkpoint -> (the checkpoint's directory, its run.json). A directory with no complete
+    checkpoint is refused with the list of those beside it."""
     given = args.resume_from_checkpoint
     path = Path(args.output_dir) / "checkpoints" if given == "latest" else Path(given)
     if (path / POINTER).is_file():  # a checkpoints/ directory: follow its pointer
         path = path / (path / POINTER).read_text().strip()
     if not (path / "run.json").is_file():
-        raise UsageError(f"--resume_from_checkpoint {given}: no complete checkpoint at {path} "
-                         "(expected a directory with run.json, written by --save_interval or on SIGTERM)")
-    meta = json.loads((path / "run.json").read_text())
-    for name in build_parser().same_on_resume:
-        if meta["args"].get(name) != getattr(args, name):
-            raise UsageError(f"--resume_from_checkpoint {given} was written with "
-                             f"--{name} {meta['args'].get(name)}, "
-                             f"this run has --{name} {getattr(args, name)}: use the checkpoint's value")
+        why = "no run.json: a save that did not finish" if path.is_dir() else "no such directory"
+        for root in (path, path.parent):
+            beside = [d.name for d in complete_checkpoints(root)]
+            if beside:
+                break
+        where = (f"the complete ones in {root}: {', '.join(beside)}" if beside else
+                 "none is beside it (a run writes them with --save_interval N, and on SIGTERM)")
+        raise UsageError(f"--resume_from_checkpoint {given}: no complete checkpoint at {path} ({why}); "
+                         f"{where}")
+    return path, json.loads((path / "run.json").read_text())
+
+
+def complete_checkpoints(root):
+    """The checkpoints in root that were written whole (their run.json last), oldest first."""
+    dirs = [d for d in root.iterdir() if d.name.startswith("step_")] if root.is_dir() else []
+    return sorted((d for d in dirs if (d / "run.json").is_file() and not d.name.endswith(UNIVERSAL)),
+                  key=lambda d: (d / "run.json").stat().st_mtime)
+
+
+def checkpoint_settings(args, meta, given):
+    """The flags of a resumed run (or an export): SAME_ON_RESUME and RESUMED_PLAN from the checkpoint's
+    run.json where not given; a given SAME_ON_RESUME flag that disagrees with the checkpoint is refused,
+    every one of them in one line."""
+    saved = meta["args"]
+    clashes = [f"--{name} {getattr(args, name)} (it has {saved.get(name)})" for name in SAME_ON_RESUME
+               if name in given and getattr(args, name) != saved.get(name)]
+    if clashes:
+        raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint} was written with other "
+                         f"settings: {'; '.join(clashes)}: leave these flags out and the checkpoint's are "
+                         "taken")
+    taken = {name: saved[name] for name in SAME_ON_RESUME + RESUMED_PLAN
+             if name not in given and name in saved}
+    return argparse.Namespace(**vars(args) | taken)
+
+
+def resume_plan(args, layout, path, meta):
+    """How the checkpoint resumes: a Resume, through DeepSpeed's universal form where tp, dp or the ZeRO stage
+    changed. Its DeepSpeed settings must be this run's; a change of schedule is said in one line."""
     saved = meta["args"]
     written = training_settings(saved.get("user_deepspeed_config"))
-    now = training_settings(getattr(args, "user_deepspeed_config", None))
+    now = training_settings(args.user_deepspeed_config)
     if written != now:
-        raise UsageError(f"--resume_from_checkpoint {given} was written with the --deepspeed_config settings "
-                         f"{json.dumps(written)[:300]}, this run has {json.dumps(now)[:300]}: use the same")
-    if topology(saved) != topology(vars(args)) and 0 in (saved["zero_stage"], args.zero_stage):
+        raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint} was written with the "
+                         f"--deepspeed_config settings {json.dumps(written)[:300]}, this run has "
+                         f"{json.dumps(now)[:300]}: use the same")
+    universal = topology(saved) != topology(vars(args))
+    if {saved["zero_stage"], args.zero_stage} in ({1, 3}, {2, 3}):
+        stage = saved["zero_stage"]
+        raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint} was written with "
+                         f"ZeRO-{stage}, this run has ZeRO-{args.zero_stage}: DeepSpeed's universal "
+                         "checkpoints do not carry over between ZeRO-3 and ZeRO-1/2 (their optimizer files "
+                         f"differ); resume with --zero_stage {stage}, at any tp x dp")
+    if universal and 0 in (saved["zero_stage"], args.zero_stage):
         tp, dp, zero = topology(saved)
-        raise UsageError(f"--resume_from_checkpoint {given} was written at tp {tp} x dp {dp} with "
-                         f"ZeRO-{zero}: another tp, dp or ZeRO stage goes through DeepSpeed's universal "
-                         "checkpoint, which needs ZeRO-1 or 2 on both sides; "
+        raise UsageError(f"--resume_from_checkpoint {args.resume_from_checkpoint} was written at tp {tp} x "
+                         f"dp {dp} with ZeRO-{zero}: another tp, dp or ZeRO stage goes through DeepSpeed's "
+                         "universal checkpoint, which needs ZeRO-1 or 2 on both sides; "
                          f"resume with --tp_size {tp} --dp_size {dp} --zero_stage {zero}")
-    # checkpoints of earlier versions of this script count micro-batches
-    if "samples_consumed" not in meta:
-        meta["samples_consumed"] = (meta["step"] * saved["batch_size"] * saved["gradient_accumulation_steps"]
-                                    * saved["dp_size"])
-    return path, meta
+    before, after = lr_at(argparse.Namespace(**saved), meta["step"]), lr_at(args, meta["step"])
+    if not math.isclose(before, after, rel_tol=1e-6) and not args.export_only:
+        log(layout, f"the learning-rate schedule changes at step {meta['step']}: {before:.2e} in the "
+                    f"checkpoint's ({saved['num_steps']} steps, {saved['warmup_steps']} of warmup, peak "
+                    f"{saved['learning_rate']:.1e}), {after:.2e} from here ({args.num_steps} steps, "
+                    f"{args.warmup_steps} of warmup, peak {args.learning_rate:.1e})")
+    return Resume(path, meta, universal)
+
+
+def lr_at(args, step):
+    """The learning rate the recipe's schedule gives the step after `step` optimizer steps."""
+    optimizer = torch.optim.SGD([torch.zeros(1)], lr=args.learning_rate)
+    return args.learning_rate * warmup_cosine_factory(args)(optimizer).lr_lambdas[0](step)
+
+
+def resume_checkpoint(run):
+    """The checkpoint to load: as written, or its universal form where the topology changed (converted once,
+    by rank 0)."""
+    resume, layout = run.resume, run.layout
+    if resume.meta["samples_consumed"] != resume.meta["step"] * run.args.global_batch_size:
+        log(layout, f"the global batch is now {run.args.global_batch_size} sequences: the data goes on after "
+                    f"the {resume.meta['samples_consumed']} samples the checkpoint consumed, "
+                    "not where this batch would be")
+    if not resume.universal:
+        return resume.path
+    log(layout, "{} was written at tp {} x dp {} (ZeRO-{}), resuming at tp {} x dp {} (ZeRO-{}) through "
+                "a universal checkpoint".format(resume.path, *topology(resume.meta["args"]),
+                                                *topology(vars(run.args))))
+    return leader_first(lambda: universal_checkpoint(resume.path, layout), layout.rank == 0)
 
 
 def save_checkpoint(engine, args, layout, step, samples, history, evals):
@@ -1939,10 +2355,8 @@ def save_checkpoint(engine, args, layout, step, samples, history, evals):
 def prune_checkpoints(root, keep_last):
     """Delete leftovers of interrupted saves and conversions (no run.json) and all but the newest keep_last
     checkpoints, each with its universal copy."""
-    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_")]
-    complete = sorted((d for d in dirs if (d / "run.json").is_file() and not d.name.endswith(UNIVERSAL)),
-                      key=lambda d: (d / "run.json").stat().st_mtime)
-    doomed = ([d for d in dirs if not (d / "run.json").is_file()]
+    complete = complete_checkpoints(root)
+    doomed = ([d for d in root.iterdir() if d.name.startswith("step_") and not (d / "run.json").is_file()]
               + (complete[:-keep_last] if keep_last else []))
     for d in doomed + [d.with_name(d.name + UNIVERSAL) for d in doomed]:
         shutil.rmtree(d, ignore_errors=True)
@@ -2004,10 +2418,20 @@ def rng_state():
 def load_checkpoint(engine, path, layout):
     """Weights, optimizer state (this rank's ZeRO partition), LR schedule, and, written at this topology,
     each rank's RNG state. A universal checkpoint has no RNG states for ranks that did not exist."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO's
+    decay = [group["weight_decay"] for group in base.param_groups] if base is not None else []
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:
         raise UsageError(f"DeepSpeed could not load the checkpoint at {path}")
-    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO's
+    if path.name.endswith(UNIVERSAL) and engine.zero_optimization_partition_weights():
+        # ZeRO-3's universal load gives every param group the first group's hyperparameters (biases and norms
+        # would decay like matrices) and every state one shared `step` tensor, which AdamW then advances once
+        # per group and step: each group gets its own decay back, each state its own step.
+        for group, own in zip(base.param_groups, decay):
+            group["weight_decay"] = own
+        for state in base.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
     for param, state in (base.state.items() if base is not None and base.defaults.get("fused") else ()):
         if torch.is_tensor(state.get("step")):  # a universal checkpoint restores AdamW's step counts on CPU;
             state["step"] = state["step"].to(param.device)  # the fused AdamW wants them beside the weights
@@ -2027,7 +2451,7 @@ def export_hf(engine, tokenizer, layout, out_dir):
     """Gather the TP shards into one plain Hugging Face model (safetensors) plus its tokenizer.
     A collective: every rank sends its shards, rank 0 writes. (engine.save_16bit_model() would write
     rank 0's shards only under AutoTP.)"""
-    if layout.tp > 1:
+    if layout.tp > 1 or engine.zero_optimization_partition_weights():  # TP shards or ZeRO-3 pieces
         state = engine._consolidated_16bit_state_dict()  # full tensors on rank 0, None elsewhere
     else:
         state = engine.module.state_dict()
@@ -2062,9 +2486,10 @@ class StopSignal:
 
 # ---- The training loop, evaluation and metrics ---------------------------------------------------
 
-def train(engine, blocks, layout, args, device, meter, resumed=None, clock=None):
-    """The loop, from step 1 or from a checkpoint's run.json (`resumed`). Returns one record per logged
-    step, the evaluations, and the name of the signal that stopped it early (or None)."""
+def train(run, engine, blocks, device, clock):
+    """The loop, from step 1 or from the checkpoint's run.json. Returns one record per logged step, the
+    evaluations, and the name of the signal that stopped it early (or None)."""
+    args, layout, resumed = run.args, run.layout, run.resume and run.resume.meta
     first = resumed["step"] + 1 if resumed else 1
     history, evals = (resumed["history"], resumed["evals"]) if resumed else ([], [])
     samples = resumed["samples_consumed"] if resumed else 0  # where this rank's reading of the data resumes:
@@ -2082,7 +2507,7 @@ def train(engine, blocks, layout, args, device, meter, resumed=None, clock=None)
         with model_code_errors("at step 1") if step == first else contextlib.nullcontext():
             loss = train_step(engine, batches)
         samples += args.global_batch_size
-        if step == first and clock:  # the start-up ends with the first step (and its compilation)
+        if step == first:  # the start-up ends with the first step (and its compilation)
             get_accelerator().synchronize()
             clock.first_step()
         first_bad = mark_non_finite(first_bad, step, loss, applied_grad_norm(engine))
@@ -2093,8 +2518,8 @@ def train(engine, blocks, layout, args, device, meter, resumed=None, clock=None)
             check_replicated_in_sync(engine.module, layout, step)
             loss = dp_mean(loss, engine, layout)  # the host sync: all queued accelerator work finishes here
             elapsed = time.perf_counter() - window_start
-            history.append(meter.record(engine, step, loss, lr, elapsed / window_steps)
-                           | {"data_wait_fraction": data_wait[0] / elapsed})
+            history.append(step_record(run, engine, step, loss, lr, elapsed / window_steps,
+                                       data_wait[0] / elapsed, clock.peak_memory_gib(device)))
             data_wait[0] = 0.0
             log(layout, format_record(history[-1]))
             report(engine, "train", history[-1])
@@ -2103,7 +2528,7 @@ def train(engine, blocks, layout, args, device, meter, resumed=None, clock=None)
         stopping = stop.agreed()
         pause_start = time.perf_counter()  # evaluation and checkpoints stay out of the throughput
         if step == args.num_steps or (args.eval_interval and step % args.eval_interval == 0):
-            evals.append(evaluate(engine, blocks["validation"], layout, args, device, step))
+            evals.append(evaluate(run, engine, blocks["validation"], device, step))
         if stopping or (args.save_interval and (step % args.save_interval == 0 or step == args.num_steps)):
             check_finite(first_bad)  # never checkpoint a diverged model
             log(layout, "saved checkpoint "
@@ -2115,7 +2540,7 @@ def train(engine, blocks, layout, args, device, meter, resumed=None, clock=None)
             break
     bar.close()
     if args.num_steps == 0:
-        evals.append(evaluate(engine, blocks["validation"], layout, args, device, 0))
+        evals.append(evaluate(run, engine, blocks["validation"], device, 0))
     return history, evals, stop.received
 
 
@@ -2129,19 +2554,22 @@ def timed(iterator, total):
 
 
 @torch.no_grad()
-def evaluate(engine, dataset, layout, args, device, step):
+def evaluate(run, engine, dataset, device, step):
     """Mean loss over every held-out block, each counted exactly once whatever dp is: DP rank d takes
-    blocks d, d + dp, d + 2 dp, ... (shards may differ by one block; evaluation has no collective across
-    DP ranks until the sums below). Blocks all have seq_length tokens, so the mean of their mean losses
-    is the mean loss per token."""
+    blocks d, d + dp, d + 2 dp, ... (shards may differ by one block). Blocks all have seq_length tokens, so
+    the mean of their mean losses is the mean loss per token. Under ZeRO-3 each forward pass gathers weights
+    over the DP group, so a rank whose shard is shorter runs the others' last pass too, uncounted."""
+    layout, batch_size = run.layout, run.args.batch_size
     engine.eval()
-    shard = range(layout.dp_rank, len(dataset), layout.dp)  # TP peers pass the same dp_rank: same blocks
+    shard = list(range(layout.dp_rank, len(dataset), layout.dp))  # TP peers pass the same dp_rank
+    passes = math.ceil(math.ceil(len(dataset) / layout.dp) / batch_size)  # the longest shard's
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # sum of block losses, block count
-    for batch in DataLoader(dataset, batch_size=args.batch_size, sampler=shard):
-        input_ids = batch["input_ids"].to(device)
+    for i in range(passes if engine.zero_optimization_partition_weights() else len(shard)):
+        blocks = shard[i * batch_size:(i + 1) * batch_size]
+        input_ids = dataset[blocks or [0]]["input_ids"].to(device)
         loss = engine(input_ids=input_ids, labels=input_ids).loss
-        totals += torch.stack([loss.double() * len(input_ids),
-                               torch.tensor(len(input_ids), device=device).double()])
+        count = torch.tensor(len(blocks), dtype=torch.float64, device=device)
+        totals += torch.stack([loss.double() * count, count])
     dist.all_reduce(totals, group=engine.data_parallel_group)
     engine.train()
     loss = (totals[0] / totals[1]).item()
@@ -2152,47 +2580,45 @@ def evaluate(engine, dataset, layout, args, device, step):
     return record
 
 
-@dataclass(frozen=True)
-class Meter:
-    """What turns a measured step time into the logged throughput figures; fixed for the run."""
-    tokens_per_step: int
-    flops_per_token: float  # 6 N + 12 L H S: N non-embedding parameters, L layers, H hidden, S sequence
-    peak_flops: float | None  # of all the run's accelerators together; None (CPU, unknown GPU): no MFU
-    device: torch.device
+def peak_flops(args, device, world_size):
+    """Peak dense bf16 FLOP/s of all the run's accelerators together: --peak_tflops, or looked up from the
+    GPU's name; None where unknown (CPU, an unlisted GPU): no MFU then."""
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else None
+    if peak is None and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+    return peak and peak * world_size
 
-    @classmethod
-    def for_run(cls, args, layout, device, flops_per_token):
-        """Peak dense bf16 FLOP/s per accelerator: --peak_tflops, or looked up from the GPU's name."""
-        peak = args.peak_tflops * 1e12 if args.peak_tflops else None
-        if peak is None and device.type == "cuda":
-            name = torch.cuda.get_device_name(device)
-            peak = next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
-        return cls(args.tokens_per_step, flops_per_token, peak and peak * layout.world_size, device)
 
-    def record(self, engine, step, loss, lr, step_time):
-        grad_norm = engine.get_global_grad_norm()
-        tokens_per_s = self.tokens_per_step / step_time
-        return {"step": step, "loss": loss, "lr": lr,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "step_time_s": step_time, "tokens_per_s": tokens_per_s,
-                "mfu": self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None,
-                "peak_memory_gib": peak_memory_gib(self.device)}
+def step_record(run, engine, step, loss, lr, step_time, data_wait_fraction, peak_memory):
+    """What one log line and results.json say of the steps since the last log. MFU counts the FLOPs per token
+    of model_statistics against peak_flops."""
+    grad_norm = engine.get_global_grad_norm()
+    tokens_per_s = run.args.tokens_per_step / step_time
+    peak = peak_flops(run.args, engine.device, run.layout.world_size)
+    return {"step": step, "loss": loss, "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "step_time_s": step_time, "tokens_per_s": tokens_per_s,
+            "mfu": run.stats["flops_per_token"] * tokens_per_s / peak if peak else None,
+            "peak_memory_gib": peak_memory, "data_wait_fraction": data_wait_fraction}
 
 
 class Clock:
-    """The start-up, phase by phase: one line each with its seconds, and for results.json the phases and the
-    seconds from the process's start (imports included) to the end of the first optimizer step."""
+    """The start-up, phase by phase: one line each with its seconds and the host memory's peak so far, and
+    for results.json the phases and the seconds from the process's start (imports included) to the end of the
+    first optimizer step. It also keeps that peak (HostMemory) for the step lines and results.json."""
 
     def __init__(self, layout):
         self.layout, self.phases, self.first_step_s, self.figures = layout, {}, None, {}
+        self.host = HostMemory()
         self.started = self.last = psutil.Process().create_time()
         self.lap("imports and checks")
 
     def lap(self, phase, detail=""):
         now = time.time()
         self.phases[phase], self.last = round(now - self.last, 3), now
-        anonymous = HostMemory.read()
-        memory = f"host memory {anonymous / 2 ** 30:.1f} GiB" if anonymous is not None else ""
+        peak = self.host.peak_gib()
+        memory = f"host memory peak {peak:.1f} GiB" if peak is not None else ""
         log(self.layout, f"start-up: {phase} {self.phases[phase]:.1f} s "
                          f"({'; '.join(filter(None, [detail, memory]))})")
 
@@ -2202,29 +2628,33 @@ class Clock:
         log(self.layout, f"start-up: the first step ended {self.first_step_s:.1f} s "
                          "after the process started")
 
+    def peak_memory_gib(self, device):
+        """This rank's peak memory: the accelerator's allocated peak, or on CPU the host's."""
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / 2 ** 30
+        return self.host.peak_gib()
+
     def summary(self):
         return self.phases | {"first_step_s": self.first_step_s} | self.figures
 
 
 class HostMemory:
-    """Peak anonymous resident memory of this process (RssAnon: what it allocated itself, not the file pages
-    it maps, such as a memory-mapped checkpoint, which ru_maxrss counts too), sampled every 20 ms on a thread.
-    None where the system has no /proc."""
+    """Peak anonymous resident memory of this process (what it allocated itself, not the file pages it
+    maps, such as a memory-mapped checkpoint, which the resident set counts too), sampled every 20 ms on a
+    thread."""
 
     def __init__(self):
-        self.peak, self.stopped = self.read(), threading.Event()
+        self.process, self.stopped = psutil.Process(), threading.Event()
+        self.peak = self.read()
         if self.peak is not None:
             watcher = threading.Thread(target=self.watch, daemon=True)
             watcher.start()
             atexit.register(lambda: (self.stopped.set(), watcher.join()))  # not reading while Python exits
 
-    @staticmethod
-    def read():
-        try:
-            with open("/proc/self/status") as status:
-                return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
-        except (OSError, StopIteration):
-            return None
+    def read(self):
+        """Resident memory less its file-backed and shared pages (RssAnon on Linux); None where unknown."""
+        memory = self.process.memory_info()
+        return memory.rss - memory.shared if hasattr(memory, "shared") else None
 
     def watch(self):
         while not self.stopped.wait(0.02):
@@ -2232,13 +2662,6 @@ class HostMemory:
 
     def peak_gib(self):
         return None if self.peak is None else max(self.peak, self.read()) / 2 ** 30
-
-
-def peak_memory_gib(device):
-    """Peak accelerator memory allocated by this rank, or the host process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def log(layout, message):
@@ -2287,106 +2710,6 @@ def plot_losses(history, evals, path):
     return path
 
 
-# ---- Main: the recipe's steps in order, the optional ones marked ---------------------------------
-
-def main(argv=None):
-    host_memory = HostMemory()
-    args = parse_args(argv)
-    check_args(args)
-    config = load_config(args)
-    shapes_only = meta_model(config, args.trust_remote_code)  # specs checked on it before any weight loads
-    # 1. The layer specs: the built-in GPT-NeoX ones, a spec file, a DeepSpeed preset or the model's tp_plan.
-    source = spec_source(args, config, shapes_only)
-    # 2. The rank layout: tp x dp processes, and the values derived from it.
-    layout = choose_layout(args, config)
-    derive_args(args, layout, config, shapes_only, source)
-    check_model_fits_tp(config, layout.tp, args.seq_length)
-    plan = source.plan(shapes_only, layout.tp, args.vocab_parallel)
-    warn_about_source(source, config, layout, args)
-    if args.dry_run:  # (optional) the plan and the memory per rank, then stop
-        if plan is None:
-            raise UsageError(f"--dry_run needs the specs before deepspeed.initialize, and {source.name} "
-                             "decides only inside it: use --verify_tp on a short run instead")
-        return dry_run(shapes_only, plan, source, layout, args) | print_layouts(args, config, layout)
-    advise_smaller_tp(args, config, layout)
-    check_output_dir(args.output_dir)
-    resume_path, resumed = find_checkpoint(args) if args.resume_from_checkpoint else (None, None)
-    universal = resumed is not None and topology(resumed["args"]) != topology(vars(args))
-    # 3. The DeepSpeed config, yours merged in, checked by DeepSpeed's own reading before any heavy work.
-    evaluate_only = args.num_steps == 0 and not args.resume_from_checkpoint
-    ds_config = run_ds_config(args, source, not evaluate_only, universal)
-    check_ds_config(ds_config, f"--deepspeed_config {args.deepspeed_config}" if args.deepspeed_config
-                    else "the DeepSpeed config")
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
-    if layout.tp > local_world:
-        log(layout, f"warning: tp={layout.tp} spans more than one node ({local_world} ranks per node): "
-                    "TP traffic will cross the network")
-    if args.precision == "bf16" and args.zero_stage == 0:
-        log(layout, "warning: bf16 with ZeRO-0 keeps no fp32 master weights; use --zero_stage 1 or 2")
-
-    clock = Clock(layout)  # the start-up, phase by phase
-    device = init_distributed(args.local_rank)
-    clock.lap("process group", f"{layout.world_size} ranks on {device.type}")
-    if universal:  # (optional) resume at another topology: convert the checkpoint once
-        log(layout, "{} was written at tp {} x dp {} (ZeRO-{}), resuming at tp {} x dp {} (ZeRO-{}) through "
-                    "a universal checkpoint".format(resume_path, *topology(resumed["args"]),
-                                                    *topology(vars(args))))
-        resume_path = leader_first(lambda: universal_checkpoint(resume_path, layout), layout.rank == 0)
-    if resumed is not None and resumed["samples_consumed"] != resumed["step"] * args.global_batch_size:
-        log(layout, f"the global batch is now {args.global_batch_size} sequences: the data goes on after the "
-                    f"{resumed['samples_consumed']} samples the checkpoint consumed, "
-                    "not where this batch would be")
-    tokenizer, blocks = leader_first(lambda: prepare_data(args), args.local_rank == 0)
-    if len(tokenizer) > config.vocab_size:
-        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens, "
-                         f"the model only {config.vocab_size} embeddings")
-    if fit_micro_batch_to_data(args, layout, len(blocks["train"])):  # the one setting the data decides
-        ds_config = run_ds_config(args, source, not evaluate_only, universal)
-    check_data_size(blocks, args)
-    clock.lap("data", f"{len(blocks['train']):,} training blocks of {args.seq_length} tokens")
-    model_stats = model_statistics(shapes_only, args.seq_length)
-    log(layout, describe_run(args, layout, config, model_stats, ds_config, device))
-    log(layout, plan_table(plan, source, layout.tp) if plan
-                else f"AutoTP partition: {source.name}, read off the model once sharded")
-    # 4. deepspeed.initialize: AutoTP shards the empty model, ZeRO wraps the optimizer, ranks load shards.
-    probe = blocks["train"][0]["input_ids"][None, :VERIFY_TOKENS]  # the first training sequence
-    engine, reference = build_sharded_model(args, config, shapes_only, layout, ds_config, device, clock,
-                                            source.name, training=not evaluate_only,
-                                            probe=probe if args.verify_tp else None)
-    if plan is None:
-        plan = source.plan(shapes_only, layout.tp, args.vocab_parallel, sharded=engine.module)
-        log(layout, plan_table(plan, source, layout.tp))
-    check_partition(engine.module, plan)
-    verified = None
-    if args.verify_tp:  # (optional) sharded against unsharded, module by module
-        verified = verify_tp(engine, probe.to(device), reference, plan, layout, args)
-    if resume_path:  # (optional)
-        load_checkpoint(engine, resume_path, layout)
-        log(layout, f"resumed from {resume_path} after step {resumed['step']}")
-    if args.compile:  # (optional, GPU default) after verify_tp: its hooks read every module's output eagerly
-        log(layout, f"torch.compile: {compile_blocks(engine.module)}, compiled during the first step")
-    elif args.deepcompile:  # (optional) the whole model, TP collectives in the graph
-        engine.compile()
-        log(layout, "DeepCompile with the autotp pass: the whole model, compiled during the first step")
-    # 5 and 6. The loop: micro-batches from the DP-aware sampler, one train_step per optimizer step.
-    history, evals, stopped_by = [], [], None
-    if not args.export_only:
-        meter = Meter.for_run(args, layout, device, model_stats["flops_per_token"])
-        history, evals, stopped_by = train(engine, blocks, layout, args, device, meter, resumed, clock)
-    export_dir = None
-    if args.export_only or (args.num_steps > 0 and not stopped_by and not args.skip_export):  # (optional)
-        export_dir = Path(args.output_dir) / "hf"
-        export_hf(engine, tokenizer, layout, export_dir)
-        log(layout, f"exported the model (all TP shards gathered) to {export_dir}")
-    results = collect_results(args, layout, model_stats, history, evals, host_memory, startup=clock.summary(),
-                              verify_tp=verified, stopped_by=stopped_by,
-                              resumed_from=resumed and str(resume_path),
-                              export_dir=export_dir and str(export_dir), deepspeed_config=engine.config)
-    write_results(results, Path(args.output_dir), layout)
-    dist.barrier()  # leave together: a rank tearing down its process group while rank 0 writes can abort it
-    return results
-
-
 def model_statistics(model, seq_length):
     """Parameters, those outside the input embedding and output head (N), and the FLOPs per token of a
     training step, 6 N + 12 L H S (L layers, H hidden, S sequence: the attention scores)."""
@@ -2397,9 +2720,11 @@ def model_statistics(model, seq_length):
             + 12 * model.config.num_hidden_layers * model.config.hidden_size * seq_length}
 
 
-def describe_run(args, layout, config, model_stats, ds_config, device):
+def describe_run(run, device):
+    """The run's derived settings, printed once at the start."""
+    args, layout, config = run.args, run.layout, run.config
     sized = " (sized to the GPU memory; --batch_size to set)" if args.micro_batch_sized else ""
-    n_params, n_non_embedding = model_stats["parameters"], model_stats["non_embedding_parameters"]
+    n_params, n_non_embedding = run.stats["parameters"], run.stats["non_embedding_parameters"]
     return "\n".join([
         "versions: " + ", ".join(f"{name} {version}" for name, version in library_versions().items()),
         f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU, gloo'})",
@@ -2412,22 +2737,23 @@ def describe_run(args, layout, config, model_stats, ds_config, device):
         f"batch: {args.batch_size} per rank{sized} x {args.gradient_accumulation_steps} accumulation "
         f"x {layout.dp} DP = {args.global_batch_size} sequences of {args.seq_length} "
         f"= {args.tokens_per_step:,} tokens per step, {args.num_steps} steps",
-        "deepspeed config: " + json.dumps(ds_config),
+        "deepspeed config: " + json.dumps(run.ds_config),
     ])
 
 
-def collect_results(args, layout, model_stats, history, evals, host_memory, **outcome):
+def collect_results(run, history, evals, clock, **outcome):
+    layout = run.layout
     host_peaks = [None] * layout.world_size  # peak anonymous resident memory of each rank's process
-    dist.all_gather_object(host_peaks, host_memory.peak_gib())
-    return {"args": vars(args),
+    dist.all_gather_object(host_peaks, clock.host.peak_gib())
+    return {"args": vars(run.args),
             "layout": asdict(layout) | {"tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank},
-            "model": model_stats, "train": history, "eval": evals, "throughput": throughput_summary(history),
-            "host_memory_gib_per_rank": host_peaks, **outcome,
+            "model": run.stats, "train": history, "eval": evals, "throughput": throughput_summary(history),
+            "host_memory_gib_per_rank": host_peaks, "startup": clock.summary(), **outcome,
             "versions": library_versions()}
 
 
 def library_versions():
-    return {"python": platform.python_version(), "torch": torch.__version__,
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
             "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
             "datasets": datasets.__version__}
 

@@ -7,30 +7,22 @@ fresh process and compares.
 
 usage: torchrun --standalone --nproc_per_node 2 tests/export_worker.py HF_DIR LOGITS.pt
 """
-import os
 import sys
-from pathlib import Path
 
 import torch
 import transformers
 from tokenizers import Tokenizer, models
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import autotp_custom_patterns as S  # noqa: E402
-from parity_worker import random_blocks, run_worker  # noqa: E402
+from worker import S, random_blocks, run_worker, start
 
 
 def main():
     hf_dir, logits_path = sys.argv[1:3]
-    args = S.parse_args(["--model_name", "builtin:tiny", "--precision", "fp32", "--seq_length", "32",
-                         "--num_steps", "3", "--learning_rate", "1e-2", "--tp_size", "2", "--warmup_steps", "0"])
-    layout = S.resolve_layout(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.tp_size, args.dp_size)
-    S.derive_args(args, layout)
-    device = S.init_distributed(int(os.environ["LOCAL_RANK"]))
-    config = S.load_config(args)
-    dataset = random_blocks(16, args.seq_length, config.vocab_size, seed=2)
-    engine = S.build_engine(S.build_model(args, config, torch.float32), args, layout,
-                            S.build_ds_config(args, {"partition_config": S.builtin_partition_config()}))
+    run, device = start("--model_name", "builtin:tiny", "--precision", "fp32", "--seq_length", "32",
+                        "--num_steps", "3", "--learning_rate", "1e-2", "--tp_size", "2", "--warmup_steps", "0")
+    args, layout = run.args, run.layout
+    dataset = random_blocks(16, args.seq_length, run.config.vocab_size, seed=2)
+    engine = S.build_engine(S.build_model(args, run.config, torch.float32), args, layout, run.ds_config)
     batches = S.train_batches(dataset, layout, args.batch_size, args.global_batch_size, args.seed, device)
     for _ in range(args.num_steps):
         S.train_step(engine, batches)

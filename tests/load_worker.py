@@ -10,28 +10,16 @@ for builtin:tiny at this tp are gathered whole and saved, for comparison across 
 usage: torchrun --standalone --nproc_per_node N tests/load_worker.py OUT.json [--dump FILE] CASE.json
 """
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import autotp_custom_patterns as S  # noqa: E402
-from parity_worker import own_option, random_blocks, run_worker  # noqa: E402
+from worker import S, own_option, random_blocks, run_worker, start
 
 STEPS = 3
-
-
-def prepared(argv, layout):
-    args = S.parse_args(["--seq_length", "32", "--num_steps", str(STEPS), "--learning_rate", "1e-2",
-                         "--warmup_steps", "0", "--tp_size", str(layout.tp), *argv])
-    S.derive_args(args, layout)
-    config = S.load_config(args)
-    shapes_only = S.meta_model(config)
-    source = S.spec_source(args, config, shapes_only)
-    return args, config, shapes_only, S.build_ds_config(args, source.tensor_parallel)
+FLAGS = ["--seq_length", "32", "--num_steps", str(STEPS), "--learning_rate", "1e-2", "--warmup_steps", "0"]
 
 
 def first_losses(engine, args, layout, config, device):
@@ -41,13 +29,20 @@ def first_losses(engine, args, layout, config, device):
 
 
 def compare(argv, layout, device):
-    """The case's shards and first losses under both paths."""
-    args, config, shapes_only, ds_config = prepared(argv, layout)
+    """The case's shards and first losses under both paths. The script refuses a tp that does not divide the
+    heads, but DeepSpeed splits such a model unevenly (its own sizes), and the loading must follow it there too:
+    this worker lifts that one check."""
+    check, S.check_model_fits_tp = S.check_model_fits_tp, lambda *_: None
+    try:
+        run = S.preflight([*FLAGS, "--tp_size", str(layout.tp), *argv])
+    finally:
+        S.check_model_fits_tp = check
+    args, config, shapes_only = run.args, run.config, run.shapes_only
     dtype = S.DTYPES[args.precision]
     before = S.AutoModelForCausalLM.from_pretrained(args.model_name, dtype=dtype)  # whole, on the host
     before.config.use_cache = False
-    old = S.build_engine(before, args, layout, ds_config)
-    new, _ = S.build_sharded_model(args, config, shapes_only, layout, ds_config, device, S.Clock(layout), "specs")
+    old = S.build_engine(before, args, layout, run.ds_config)
+    new, _ = S.build_sharded_model(run, device, S.Clock(layout))
     old_shards, new_shards = old.module.state_dict(), new.module.state_dict()
     same = old_shards.keys() == new_shards.keys() and all(
         old_shards[k].shape == new_shards[k].shape and torch.equal(old_shards[k], new_shards[k]) for k in old_shards)
@@ -61,8 +56,8 @@ def compare(argv, layout, device):
 
 def dump_random_model(path, layout, device):
     """The script's random builtin:tiny weights at this tp, gathered whole (rank 0 saves them)."""
-    args, config, shapes_only, ds_config = prepared(["--model_name", "builtin:tiny", "--precision", "fp32"], layout)
-    engine, _ = S.build_sharded_model(args, config, shapes_only, layout, ds_config, device, S.Clock(layout), "specs")
+    run = S.preflight([*FLAGS, "--tp_size", str(layout.tp), "--model_name", "builtin:tiny", "--precision", "fp32"])
+    engine, _ = S.build_sharded_model(run, device, S.Clock(layout))
     state = engine._consolidated_16bit_state_dict() if layout.tp > 1 else engine.module.state_dict()
     if layout.rank == 0:
         torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, path)
@@ -72,9 +67,8 @@ def main():
     out_path, argv = sys.argv[1], sys.argv[2:]
     dump = own_option(argv, "--dump")
     cases = json.loads(Path(argv[0]).read_text()) if argv else {}
-    world = int(os.environ["WORLD_SIZE"])
-    layout = S.resolve_layout(int(os.environ["RANK"]), world, world, 1)
-    device = S.init_distributed(int(os.environ["LOCAL_RANK"]))
+    run, device = start("--model_name", "builtin:tiny", "--dp_size", "1")  # tp: every rank
+    layout = run.layout
     results = {name: compare(case, layout, device) for name, case in cases.items()}
     if dump:
         dump_random_model(dump, layout, device)

@@ -7,23 +7,17 @@ usage: python tests/nan_gradient_worker.py PRECISION
 """
 import math
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import autotp_custom_patterns as S  # noqa: E402
-from parity_worker import run_worker  # noqa: E402
+from worker import S, run_worker, start
 
 
 def main():
-    args = S.parse_args(["--model_name", "builtin:tiny", "--precision", sys.argv[1], "--seq_length", "32",
-                         "--tp_size", "1", "--dp_size", "1", "--warmup_steps", "0"])
-    layout = S.resolve_layout(0, 1, 1, 1)
-    S.derive_args(args, layout)
-    device = S.init_distributed(0)
-    model = S.build_model(args, S.load_config(args), S.DTYPES[args.precision])
-    engine = S.build_engine(model, args, layout, S.build_ds_config(args, {"partition_config": S.builtin_partition_config()}))
+    run, device = start("--model_name", "builtin:tiny", "--precision", sys.argv[1], "--seq_length", "32",
+                        "--tp_size", "1", "--dp_size", "1", "--warmup_steps", "0")
+    model = S.build_model(run.args, run.config, S.DTYPES[run.args.precision])
+    engine = S.build_engine(model, run.args, run.layout, run.ds_config)
     weight = engine.module.gpt_neox.layers[0].mlp.dense_h_to_4h.weight
     weight.register_hook(lambda grad: grad * float("nan"))
     ids = torch.randint(0, 100, (2, 32), device=device)

@@ -7,29 +7,19 @@ decides what passes.
 
 usage: torchrun --standalone --nproc_per_node N tests/parity_worker.py OUT.json --tp_size T --dp_size D ...
 """
-import copy
+import argparse
 import json
-import os
 import sys
-import traceback
 from pathlib import Path
 
-import datasets
+import deepspeed
 import torch
 import torch.distributed as dist
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import autotp_custom_patterns as S  # noqa: E402
+from worker import S, own_option, random_blocks, run_worker, start
 
 STEPS = 10
-
-
-def random_blocks(n, seq_length, vocab, seed):
-    """Random tokens from a small part of the vocabulary, so the loss has somewhere to fall."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, min(vocab, 64), (n, seq_length), generator=g)
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
 
 
 def reference_batches(dataset, layout, args, device):
@@ -78,10 +68,16 @@ def step0_logits_diff(engine, reference, input_ids, vocab_parallel):
         return (logits - reference(input_ids=input_ids).logits).abs().max().item()
 
 
+def whole_local(param):
+    """This TP rank's whole tensor of a parameter (under ZeRO-3, its DP pieces gathered first)."""
+    with deepspeed.zero.GatheredParameters([param], enabled=S.is_zero3(param)):
+        return param.detach().clone()
+
+
 def qkv_heads_held(engine, reference, config, layout):
     """Which (head, role) rows of layer 0's fused QKV this rank holds, found by matching its local rows
     against the unsharded weight. HF's layout: row i is head i // (3*hs), role (i // hs) % 3."""
-    local = engine.module.gpt_neox.layers[0].attention.query_key_value.weight.detach()
+    local = whole_local(engine.module.gpt_neox.layers[0].attention.query_key_value.weight)
     full = reference.gpt_neox.layers[0].attention.query_key_value.weight.detach()
     hs = config.hidden_size // config.num_attention_heads
     rows = [int((full == row).all(dim=1).nonzero()[0]) for row in local]
@@ -100,17 +96,24 @@ def whole_model(args, config):
 
 def run(args, layout, config, source, optimizer_factory, dataset, device):
     """source: the script's SpecSource (where the specs come from); optimizer_factory builds the optimizer of
-    both models; None: compare step-0 logits only."""
-    model = whole_model(args, config)
-    reference = copy.deepcopy(model).to(device)
+    both models; None: compare step-0 logits only. The sharded model is made the script's way: an empty model
+    sharded by deepspeed.initialize, then each rank's pieces written (fill_weights) from the reference's
+    weights and ZeRO's fp32 masters refreshed from them."""
+    reference = whole_model(args, config).to(device)
     ds_config = S.build_ds_config(args, source.tensor_parallel)
     ds_config["zero_allow_untested_optimizer"] = True  # ZeRO asks for this with SGD
-    engine = S.build_engine(model, args, layout, ds_config, optimizer=optimizer_factory)
+    empty = S.empty_model(args, config, S.DTYPES[args.precision], device)
+    engine = S.build_engine(empty, args, layout, ds_config, optimizer=optimizer_factory)
+    weights = S.CheckpointWeights(reference.state_dict().__getitem__, "the reference's weights")
+    S.fill_weights(engine.module, weights, S.groups.get_tensor_model_parallel_rank() if layout.tp > 1 else 0,
+                   layout.tp)
+    if hasattr(engine.optimizer, "refresh_fp32_params"):
+        engine.optimizer.refresh_fp32_params()
     if args.deepcompile:
         engine.compile()
     probe = next(iter(dataset.iter(batch_size=2)))["input_ids"].to(device)
     result = {"step0_logits_max_diff": step0_logits_diff(engine, reference, probe, args.vocab_parallel),
-              "head_shape": list(engine.module.get_output_embeddings().weight.shape),
+              "head_shape": list(S.local_shape(engine.module.get_output_embeddings().weight)),
               "reference_head_shape": list(reference.get_output_embeddings().weight.shape), "tp": layout.tp}
     if optimizer_factory is None:
         return result
@@ -138,8 +141,11 @@ def run(args, layout, config, source, optimizer_factory, dataset, device):
     full = dict(reference.named_parameters())
     identical, max_weight_diff = True, 0.0
     for name, p in engine.module.named_parameters():
-        gathered = [torch.empty_like(p) for _ in range(layout.tp)]
-        dist.all_gather(gathered, p.detach().contiguous(), group=S.groups.get_tensor_model_parallel_group())
+        p = whole_local(p)
+        gathered = [p]
+        if layout.tp > 1:
+            gathered = [torch.empty_like(p) for _ in range(layout.tp)]
+            dist.all_gather(gathered, p.contiguous(), group=S.groups.get_tensor_model_parallel_group())
         if p.shape == full[name].shape:  # replicated: identical on every TP rank, equal to the reference
             identical &= all(torch.equal(gathered[0], g) for g in gathered)
             max_weight_diff = max(max_weight_diff, (p - full[name]).abs().max().item())
@@ -155,15 +161,6 @@ def run(args, layout, config, source, optimizer_factory, dataset, device):
     return result
 
 
-def own_option(argv, flag):
-    """Remove this worker's `flag VALUE` from argv; returns VALUE or None."""
-    if flag not in argv:
-        return None
-    value = argv[argv.index(flag) + 1]
-    del argv[argv.index(flag):argv.index(flag) + 2]
-    return value
-
-
 def main():
     """argv: OUT.json, then the script's arguments, and this worker's own options: --wrong_partition_config
     FILE names specs expected to fail the step-0 check (default: the upstream fused-QKV `shape` spec for
@@ -172,61 +169,26 @@ def main():
     out_path, argv = sys.argv[1], sys.argv[2:]
     wrong_file = own_option(argv, "--wrong_partition_config")
     variants = (own_option(argv, "--variants") or "").split(";")
-
-    def script_args(*extra):
-        args = S.parse_args(["--model_name", "builtin:tiny", "--precision", "fp32", "--seq_length", "32",
-                             "--num_steps", str(STEPS), "--warmup_steps", "2", "--learning_rate", "1e-2", *argv, *extra])
-        S.derive_args(args, S.resolve_layout(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.tp_size,
-                                             args.dp_size))
-        return args
-
-    args = script_args()
-    layout = S.resolve_layout(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.tp_size, args.dp_size)
-    device = S.init_distributed(int(os.environ["LOCAL_RANK"]))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on GPUs too
-    config = S.load_config(args)
-    dataset = random_blocks(64, args.seq_length, config.vocab_size, seed=1)
-    shapes_only = S.meta_model(config)
+    argv = ["--model_name", "builtin:tiny", "--precision", "fp32", "--seq_length", "32", "--num_steps", str(STEPS),
+            "--warmup_steps", "2", "--learning_rate", "1e-2", *argv]
+    first, device = start(*argv, "--no-vocab_parallel")
+    layout, config = first.layout, first.config
+    dataset = random_blocks(64, first.args.seq_length, config.vocab_size, seed=1)
     wrong = S.load_partition_config(wrong_file) if wrong_file else upstream_shape_specs(config)
     wrong = S.SpecSource("the wrong specs", {"partition_config": wrong}, S.autotp_config(wrong))
-    results = {"wrong_specs": run(script_args("--no-vocab_parallel"), layout, config, wrong, None, dataset, device),
-               "variants": {}}
+    results = {"wrong_specs": run(first.args, layout, config, wrong, None, dataset, device), "variants": {}}
     for variant in variants:
-        args = script_args(*variant.split())
-        source = S.spec_source(args, config, shapes_only)
-        sgd_args = copy.copy(args)
-        sgd_args.max_grad_norm, sgd_args.learning_rate = 0.0, 0.5  # no clipping: it would hide a gradient-scale error
+        args = S.preflight(argv + variant.split()).args
+        # no clipping for SGD: it would hide a gradient-scale error
+        sgd_args = argparse.Namespace(**vars(args) | {"max_grad_norm": 0.0, "learning_rate": 0.5})
         sgd = lambda params: torch.optim.SGD(params, lr=sgd_args.learning_rate)  # noqa: E731
+        source = S.spec_source(args, config, first.shapes_only)
         results["variants"][variant] = {
             "vocab_parallel": args.vocab_parallel,
             "adamw": run(args, layout, config, source, S.adamw_factory(args), dataset, device),
             "sgd": run(sgd_args, layout, config, source, sgd, dataset, device)}
     if layout.rank == 0:
         Path(out_path).write_text(json.dumps(results, indent=1))
-
-
-def run_worker(main):
-    """Run a worker's main, destroy the process group, and leave without Python's finalization.
-
-    A gloo thread can still be letting go of the last collective's tensors when the main thread reaches the
-    end: if the interpreter is shutting down by then, the thread is stopped while it frees them and the process
-    aborts (SIGABRT, "terminate called without an active exception") although its work went well. Seen ~1
-    launch in 20 of four processes on two cores, in pt_gloo_runloop under Py_FinalizeEx (pytorch/pytorch
-    issue 190489). os._exit skips that shutdown; the worker's output is written and flushed before."""
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ def recipe_source():
     text = SCRIPT.read_text()
     imports = [ast.get_source_segment(text, node) for node in ast.parse(text).body
                if isinstance(node, (ast.Import, ast.ImportFrom))]
-    return "\n".join(imports) + "\n\n" + text[text.index("# ==== THE RECIPE"):text.index("# ==== EVERYTHING ELSE")]
+    start = text.index("# ==== THE RECIPE")
+    return "\n".join(imports) + "\n\n" + text[start:text.index("\n# ==== ", start + 1)]
 
 
 def losses(recipe, layout, steps=4):
     args = types.SimpleNamespace(batch_size=2, gradient_accumulation_steps=1, max_grad_norm=1.0, zero_stage=2,
                                  precision="fp32", tp_size=layout.tp, vocab_parallel=True, tp_overlap_comm=False,
-                                 deepcompile=False, learning_rate=1e-2, weight_decay=0.01, warmup_steps=1,
+                                 deepcompile=False, offload_optimizer=False, learning_rate=1e-2, weight_decay=0.01, warmup_steps=1,
                                  num_steps=steps)
     config = transformers.GPTNeoXConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                                         intermediate_size=256, vocab_size=1024, tie_word_embeddings=False)
@@ -62,5 +63,5 @@ def main():
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    from parity_worker import run_worker
+    from worker import run_worker
     run_worker(main)

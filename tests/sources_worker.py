@@ -19,9 +19,7 @@ from pathlib import Path
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import autotp_custom_patterns as S  # noqa: E402
-from parity_worker import run_worker  # noqa: E402
+from worker import S, run_worker, start
 
 CONFIGS = Path(__file__).resolve().parents[1] / "partition_configs"
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, vocab_size=512,
@@ -79,32 +77,31 @@ def partition_flag(source, config, workdir):
     return str(CONFIGS / source.removeprefix("file:")) if source.startswith("file:") else source
 
 
-def cell(arch, source, layout, device, workdir):
-    """One verification; the record of what happened."""
+def cell(arch, source, tp, device, workdir):
+    """One verification; the record of what happened. The model's config is saved where the script's
+    preflight reads it (--model_name DIR --random_init), so the specs go through the script's own checks."""
     config = ARCHITECTURES[arch][0]()
+    model_dir = workdir / f"{arch.replace(' ', '_')}_rank{os.environ['RANK']}"
+    config.save_pretrained(model_dir)
     flag = partition_flag(source, config, workdir)
-    args = S.parse_args(["--precision", "fp32", "--seq_length", "32", "--tp_size", str(layout.tp),
-                         "--no-vocab_parallel", "--verify_tp", *(["--partition_config", flag] if flag else [])])
-    S.derive_args(args, layout)
-    torch.manual_seed(0)
-    shapes_only = S.meta_model(config)
     try:
-        S.check_model_fits_tp(config, layout.tp, args.seq_length)
-        specs = S.spec_source(args, config, shapes_only)
-        plan = specs.plan(shapes_only, layout.tp)
+        run = S.preflight(["--model_name", str(model_dir), "--random_init", "--precision", "fp32", "--seq_length", "32",
+                           "--tp_size", str(tp), "--no-vocab_parallel", "--verify_tp",
+                           *(["--partition_config", flag] if flag else [])])
     except S.UsageError as exc:
         return {"result": "refused", "detail": str(exc)}
+    torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     probe = torch.randint(0, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
-    reference = S.unsharded_outputs(model, probe) if layout.rank == 0 else None
+    reference = S.module_outputs(model, probe) if run.layout.rank == 0 else None
     try:
-        engine = S.build_engine(model, args, layout, S.build_ds_config(args, specs.tensor_parallel))
-        plan = plan or specs.plan(shapes_only, layout.tp, sharded=engine.module)
+        engine = S.build_engine(model, run.args, run.layout, run.ds_config)
+        plan = run.plan or run.source.plan(run.shapes_only, tp, sharded=engine.module)
         S.check_partition(engine.module, plan)
-        report = S.verify_tp(engine, probe.to(device), reference, plan, layout, args)
+        report = S.verify_tp(engine, probe.to(device), reference, plan, run)
         for _ in range(3):  # then three optimizer steps on it: the weights held whole must stay in step
             S.train_step(engine, iter([probe.to(device)]))
-        S.check_replicated_in_sync(engine.module, layout, 3)
+        S.check_replicated_in_sync(engine.module, run.layout, 3)
     except S.UsageError as exc:
         kind = "differs" if str(exc).startswith("--verify_tp") else "drifts" if str(exc).startswith("at step") else "crashes"
         return {"result": kind, "detail": str(exc)}
@@ -118,16 +115,15 @@ def main():
     out_path, argv = sys.argv[1], sys.argv[2:]
     tp = int(argv[argv.index("--tp_size") + 1])
     archs = argv[argv.index("--tp_size") + 2:] or list(ARCHITECTURES)
-    layout = S.resolve_layout(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), tp, None)
-    device = S.init_distributed(int(os.environ["LOCAL_RANK"]))
+    run, device = start("--model_name", "builtin:tiny", "--tp_size", tp)
     workdir = Path(out_path).parent
     records = []
     for arch in archs:
         for source in ARCHITECTURES[arch][1]:
-            records.append({"architecture": arch, "source": source, "tp": tp, **cell(arch, source, layout, device, workdir)})
-            if layout.rank == 0:
+            records.append({"architecture": arch, "source": source, "tp": tp, **cell(arch, source, tp, device, workdir)})
+            if run.layout.rank == 0:
                 print(json.dumps(records[-1]), flush=True)
-    if layout.rank == 0:
+    if run.layout.rank == 0:
         Path(out_path).write_text(json.dumps(records, indent=1))
 
 

@@ -9,16 +9,62 @@
     tp=2 and tp=4 in test_script.py and test_checkpoints.py);
   * --dry_run lists every Linear weight once with its shapes; spec-file errors name what to fix.
 
-Run: python -m pytest tests/test_adapt.py -q   (about a minute and a half on 2 cores)
+  * the README's "Adapt it to your model" commands run as written, offline, in a fresh folder: a Qwen2 saved
+    without a tokenizer (a BPE is trained for it, and the run says so), its dry run, --verify_tp and training;
+  * a spec for a layer that is not a torch.nn.Linear (GPT-2's Conv1D) is refused in one line naming it, by
+    --dry_run and under DeepSpeed's automatic parser alike; --help says each default once.
+
+Run: python -m pytest tests/test_adapt.py -q   (about two minutes on 2 cores)
 """
 import json
+import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from transformers import LlamaConfig, Phi3Config, Qwen2Config
+from transformers import GPT2Config, LlamaConfig, Phi3Config, Qwen2Config
 
 import autotp_custom_patterns as S
-from conftest import ROOT, CONFIGS, SMALL, torchrun, run_script, error_line, assert_learned, check_parity, tiny_phi3_specs
+from conftest import (ROOT, SCRIPT, CONFIGS, SMALL, torchrun, run_script, error_line, assert_learned, check_parity,
+                      preflight, tiny_phi3_specs)
+
+
+def test_the_readmes_adapt_commands_run_as_written(tmp_path, cache):
+    block = (ROOT / "README.md").read_text().split("<!-- commands run by tests/test_adapt.py -->\n```bash\n")[1]
+    (tmp_path / SCRIPT.name).symlink_to(SCRIPT)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1")
+    proc = subprocess.run(["bash", "-ec", block.split("```")[0]], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "--model_name my_model holds no tokenizer: a byte-level BPE of 8192 tokens" in proc.stdout
+    assert "dry run: my_model" in proc.stdout and "model.layers.1.mlp.down_proj.weight" in proc.stdout
+    assert "verify_tp: sharded = unsharded" in proc.stdout
+    results = json.loads((tmp_path / "output" / "results.json").read_text())
+    assert (results["args"]["partition_config"], results["layout"]["tp"], results["args"]["num_steps"]) == ("tp_plan", 2, 40)
+    assert results["train"][-1]["loss"] < results["train"][0]["loss"] and results["eval"][-1]["loss"] < math.log(8192) - 1
+
+
+def test_a_layer_that_is_not_a_linear_is_refused_by_name(tmp_path):
+    GPT2Config(n_embd=64, n_layer=2, n_head=8, vocab_size=512, n_positions=128).save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "specs.json").write_text(json.dumps([{"patterns": [r".*\.attn\.c_attn\.weight$"], "partition_type": "column"}]))
+    for source in (tmp_path / "specs.json", "autotp_parser"):
+        with pytest.raises(S.UsageError, match=r"^transformer.h.0.attn.c_attn is a Conv1D, not a torch.nn.Linear: "
+                                               r"DeepSpeed's AutoTP training layers split a Linear's .out, in. weight"):
+            preflight("--model_name", tmp_path / "gpt2", "--partition_config", source, "--tp_size", "2",
+                      "--seq_length", "64", world=2)
+
+
+def test_help_says_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        S.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "Default: on where it applies" in text and "--dp_size DP_SIZE DP replicas (default: world_size / tp_size)" in text
+    assert "--zero_stage {0,1,2,3} DeepSpeed ZeRO stage: 2 partitions" in text and "(default: 2)" not in text
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "phi3"])

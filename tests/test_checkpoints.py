@@ -197,6 +197,36 @@ def test_export_only_from_a_checkpoint_of_another_topology(tmp_path, cache, kill
     assert plain_logits_diff(*exports) < TOPOLOGY_TOL
 
 
+def test_zero3_with_the_optimizer_on_the_host_trains_resumes_and_exports_as_zero2_does(tmp_path, cache,
+                                                                                        uninterrupted):
+    """RUN with ZeRO-3 and the optimizer offloaded (DeepSpeed's CPU Adam on the host): every loss and evaluation
+    within 1e-5 of the ZeRO-2 run (other partitions sum in another order) and its export the same model; resumed
+    from its step-8 checkpoint at tp 2 x dp 2 exactly (ZeRO-3 and the offload taken from the checkpoint), at
+    tp 4 x dp 1 through a universal checkpoint within 1e-5, and at ZeRO-2 refused in one line."""
+    out, zero2 = uninterrupted
+    proc, zero3 = run_script(4, tmp_path / "z3", cache, *RUN, "--zero_stage", "3", "--offload_optimizer",
+                             "--keep_last", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (zero3["deepspeed_config"]["zero_optimization"]["stage"], zero3["args"]["offload_optimizer"]) == (3, True)
+    assert_same_losses_after(zero3, zero2, 0, TOPOLOGY_TOL)
+    assert plain_logits_diff(tmp_path / "z3" / "hf", out / "hf") < TOPOLOGY_TOL
+    step8 = tmp_path / "z3" / "checkpoints" / "step_0000008"
+    proc, resumed = run_script(4, tmp_path / "same", cache, "--tp_size", "2", "--resume_from_checkpoint", step8,
+                               "--skip_export")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "universal" not in proc.stdout and resumed["args"]["zero_stage"] == 3
+    assert_same_losses_after(resumed, zero3, 8)
+    proc, moved = run_script(4, tmp_path / "tp4", cache, "--tp_size", "4", "--dp_size", "1", "--batch_size", "2",
+                             "--resume_from_checkpoint", step8, "--skip_export")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming at tp 4 x dp 1 (ZeRO-3) through a universal checkpoint" in proc.stdout
+    assert_same_losses_after(moved, zero3, 8, TOPOLOGY_TOL)
+    proc, _ = run_script(4, tmp_path / "z2", cache, "--tp_size", "2", "--resume_from_checkpoint", step8,
+                         "--zero_stage", "2")
+    assert "written with ZeRO-3, this run has ZeRO-2: DeepSpeed's universal checkpoints do not carry over" in (
+        error_line(proc))
+
+
 def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, cache, uninterrupted):
     _, reference = uninterrupted
     proc = launch(tmp_path, cache, *RUN[:-2], "--save_interval", "0")

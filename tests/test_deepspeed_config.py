@@ -14,7 +14,7 @@ import json
 import pytest
 
 import autotp_custom_patterns as S
-from conftest import run_script, error_line
+from conftest import error_line, preflight, run_script
 
 
 def test_a_config_of_ones_own_reaches_the_engine_and_the_csv_monitor(tmp_path, cache):
@@ -41,8 +41,8 @@ def test_a_config_of_ones_own_reaches_the_engine_and_the_csv_monitor(tmp_path, c
 
 
 @pytest.mark.parametrize("extra,message", [
-    ('{"zero_optimization": {"stage": 1}}', "sets zero_optimization.stage to 1, the script's flags to 2: set it "
-                                            "with --zero_stage instead"),
+    ('{"gradient_clipping": 0.5}', "sets gradient_clipping to 0.5, the script's flags to 1.0: set it with "
+                                   "--max_grad_norm instead"),
     (None, "the wandb monitor needs the wandb package: pip install wandb"),
 ])
 def test_a_contradiction_or_a_missing_monitor_package_stops_before_the_model_loads(tmp_path, cache, extra, message):
@@ -54,11 +54,10 @@ def test_a_contradiction_or_a_missing_monitor_package_stops_before_the_model_loa
 
 
 def config_for(tmp_path, content, *argv):
+    """The merged config preflight makes (and checks) at tp 2 x dp 2."""
     (tmp_path / "ds.json").write_text(content)
-    args = S.parse_args(["--deepspeed_config", str(tmp_path / "ds.json"), "--output_dir", str(tmp_path), *argv])
-    S.derive_args(args, S.resolve_layout(0, 4, tp=2))
-    return S.merge_user_config(args, S.build_ds_config(args, {"partition_config": S.builtin_partition_config()}),
-                               S.user_ds_config(args))
+    return preflight("--deepspeed_config", tmp_path / "ds.json", "--output_dir", tmp_path, "--tp_size", "2", *argv,
+                     world=4).ds_config
 
 
 @pytest.mark.parametrize("content,message", [
@@ -81,6 +80,26 @@ def test_each_problem_with_a_config_of_ones_own_is_one_line(tmp_path, content, m
         S.check_ds_config(config_for(tmp_path, content), "--deepspeed_config ds.json")
 
 
+def test_a_config_of_ones_own_may_choose_zero_3_and_offload_the_optimizer(tmp_path):
+    """Its stage is the default of --zero_stage, and its offload_optimizer turns --offload_optimizer on (the
+    optimizer factory then builds DeepSpeed's CPU Adam); a --zero_stage that contradicts it is refused."""
+    config = '{"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": false}}}'
+    run = preflight("--tp_size", "2", "--deepspeed_config", write(tmp_path, config), world=4)
+    assert (run.args.zero_stage, run.args.offload_optimizer) == (3, True)
+    assert run.ds_config["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+                                                  "offload_optimizer": {"device": "cpu", "pin_memory": False}}
+    assert S.offloads_optimizer(run.ds_config)
+    with pytest.raises(S.UsageError, match="sets zero_optimization.stage to 3, the script's flags to 2"):
+        preflight("--tp_size", "2", "--zero_stage", "2", "--deepspeed_config", write(tmp_path, config), world=4)
+    with pytest.raises(S.UsageError, match="needs ZeRO: use --zero_stage 1, 2 or 3"):
+        preflight("--offload_optimizer", "--zero_stage", "0", world=1)
+
+
+def write(tmp_path, content):
+    (tmp_path / "ds.json").write_text(content)
+    return tmp_path / "ds.json"
+
+
 def test_the_same_values_merge_and_the_others_win(tmp_path):
     config = config_for(tmp_path, json.dumps({"train_micro_batch_size_per_gpu": 1, "train_batch_size": 2,
                                               "tensor_parallel": {"autotp_size": 2}, "bf16": {"check_grad_overflow": True},
@@ -94,15 +113,16 @@ def test_the_same_values_merge_and_the_others_win(tmp_path):
 
 
 def test_a_resume_compares_the_settings_but_not_the_monitors(tmp_path):
-    args = S.parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
-    args.user_deepspeed_config = {"zero_optimization": {"overlap_comm": True}, "csv_monitor": {"enabled": True}}
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"overlap_comm": true}}')
+    args = preflight("--output_dir", tmp_path, "--deepspeed_config", tmp_path / "ds.json", "--report_to", "csv_monitor",
+                     "--tp_size", "2", world=2).args
     (tmp_path / "checkpoints" / "step_0000004").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_0000004" / "run.json").write_text(json.dumps(
         {"step": 4, "samples_consumed": 4, "args": vars(args)}))
     (tmp_path / "checkpoints" / "latest").write_text("step_0000004")
-    args.user_deepspeed_config = {"zero_optimization": {"overlap_comm": True}}  # no monitor now: fine
-    assert S.find_checkpoint(args)[1]["step"] == 4
-    args.user_deepspeed_config = {}
+    resume = ["--output_dir", tmp_path, "--tp_size", "2", "--resume_from_checkpoint", "latest"]
+    assert preflight(*resume, world=2).resume.meta["step"] == 4  # its --deepspeed_config taken, no monitor now: fine
+    (tmp_path / "other.json").write_text("{}")
     with pytest.raises(S.UsageError, match="written with the --deepspeed_config settings .*overlap_comm.* this run "
                                            "has {}: use the same"):
-        S.find_checkpoint(args)
+        preflight(*resume, "--deepspeed_config", tmp_path / "other.json", world=2)

@@ -2,9 +2,9 @@
 
 For each (tp, dp) layout and each of DeepSpeed's TP accelerations that the script offers (the vocab-parallel
 head and loss, the overlapped backward all-reduce, DeepCompile's autotp pass, and their combinations, with
-ZeRO-0/1/2, gradient accumulation and activation checkpointing), tests/parity_worker.py shards the model
-with the script's own build_engine and compares it with the same model unsharded, trained with plain
-PyTorch on the union of the DP ranks' batches:
+ZeRO-0/1/2/3, gradient accumulation and activation checkpointing), tests/parity_worker.py shards the model
+the script's way (an empty model through build_engine, then each rank's pieces written by fill_weights) and
+compares it with the same model unsharded, trained with plain PyTorch on the union of the DP ranks' batches:
   * step-0 logits within 1e-5 (gathered from the TP ranks where the head is split by vocabulary);
   * the loss of 10 steps within 1e-5, with AdamW (clipping active) and with SGD (no clipping: Adam
     would hide a gradient-scale error), and DeepSpeed's global gradient norm against a float64 one;
@@ -24,8 +24,11 @@ from conftest import ROOT, torchrun, check_parity
 LAYOUTS = [
     (2, 1, 1, 2, ["--no-vocab_parallel", "--vocab_parallel", "--vocab_parallel --tp_overlap_comm",
                   "--vocab_parallel --zero_stage 0", "--deepcompile"]),
-    (2, 2, 2, 2, ["--no-vocab_parallel", "--vocab_parallel --tp_overlap_comm --activation_checkpointing"]),
-    (4, 1, 1, 1, ["--no-vocab_parallel", "--vocab_parallel --tp_overlap_comm"]),
+    (2, 2, 2, 2, ["--no-vocab_parallel", "--vocab_parallel --tp_overlap_comm --activation_checkpointing",
+                  "--zero_stage 3 --no-vocab_parallel",
+                  "--zero_stage 3 --vocab_parallel --tp_overlap_comm --activation_checkpointing"]),
+    (4, 1, 1, 1, ["--no-vocab_parallel", "--vocab_parallel --tp_overlap_comm", "--zero_stage 3 --vocab_parallel"]),
+    (1, 4, 1, 3, [""]),
 ]
 
 

@@ -6,6 +6,7 @@ Run: python -m pytest tests/test_units.py -q
 import argparse
 import itertools
 import json
+import math
 import sys
 import time
 
@@ -15,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 import autotp_custom_patterns as S
-from conftest import ROOT
+from conftest import ROOT, preflight
+from deepspeed.module_inject import layers
 
 
 # ---- topology -----------------------------------------------------------------------------------
@@ -65,35 +67,41 @@ def labelled_qkv(heads, head_size):
     return torch.stack([rows // (3 * head_size), (rows // head_size) % 3], dim=1)
 
 
-def rows_for_rank(weight, spec, tp, rank):
-    """AutoTP's column split along dim 0: without `shape`, contiguous equal slices; with a nested
-    `shape` ((a, b, c), -1), each sub-block is sliced and the slices are concatenated. (The parity
-    test checks the same thing on DeepSpeed's real shards.)"""
-    if "shape" not in spec:
-        return weight.chunk(tp, dim=0)[rank]
-    blocks = weight.split(list(spec["shape"][0]), dim=0)
-    return torch.cat([b.chunk(tp, dim=0)[rank] for b in blocks])
+def rows_for_rank(labels, spec, tp, rank, monkeypatch):
+    """The rows of a labelled weight that DeepSpeed's own column-parallel layer for `spec` keeps on TP rank
+    `rank` of `tp` (LinearLayer, or SubParamLinearLayer for a spec with a `shape`, as AutoTP picks them), its
+    two process-group queries answered without a process group. Row i of the weight holds the value i."""
+    monkeypatch.setattr(layers.dist, "get_world_size", lambda group=None: tp)
+    monkeypatch.setattr(layers.dist, "get_rank", lambda group=None: rank)
+    linear = torch.nn.Linear(2, len(labels), bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.arange(len(labels))[:, None].expand(-1, 2))
+    if "shape" in spec:
+        layer = layers.SubParamLinearLayer(linear, object(), shape=spec["shape"], partition_dim=0)
+    else:
+        layer = layers.LinearLayer(linear, object())
+    return labels[layer.weight[:, 0].long()]
 
 
 @pytest.mark.parametrize("heads,tp", [(4, 2), (8, 4), (32, 4), (32, 8)])
-def test_qkv_spec_gives_each_rank_its_own_whole_heads(heads, tp):
+def test_qkv_spec_gives_each_rank_its_own_whole_heads(heads, tp, monkeypatch):
     head_size = 8
-    weight = labelled_qkv(heads, head_size)
+    labels = labelled_qkv(heads, head_size)
     spec = S.gpt_neox_layer_specs()[0]
     assert spec["patterns"] == [r".*\.attention\.query_key_value\.weight$"] and "shape" not in spec
     per_rank = heads // tp
     for rank in range(tp):
-        held = {tuple(row.tolist()) for row in rows_for_rank(weight, spec, tp, rank)}
+        held = {tuple(row.tolist()) for row in rows_for_rank(labels, spec, tp, rank, monkeypatch)}
         assert held == {(h, role) for h in range(rank * per_rank, (rank + 1) * per_rank) for role in range(3)}
 
 
-def test_upstream_shape_spec_mixes_heads_across_roles():
+def test_upstream_shape_spec_mixes_heads_across_roles(monkeypatch):
     """The trap the comment in gpt_neox_layer_specs warns about: [Q; K; V] blocks are not this layout."""
     heads, head_size, tp = 4, 8, 2
     hidden = heads * head_size
-    weight = labelled_qkv(heads, head_size)
+    labels = labelled_qkv(heads, head_size)
     spec = dict(S.gpt_neox_layer_specs()[0], shape=((hidden, hidden, hidden), -1), partition_dim=0)
-    held = {tuple(row.tolist()) for row in rows_for_rank(weight, spec, tp, 0)}
+    held = {tuple(row.tolist()) for row in rows_for_rank(labels, spec, tp, 0, monkeypatch)}
     heads_held = {h for h, _ in held}
     assert not all({(h, r) for r in range(3)} <= held for h in heads_held)  # no head arrives whole
 
@@ -238,7 +246,8 @@ def test_leader_first_raises_what_a_leader_hit_on_every_rank():
 
 @pytest.mark.parametrize("argv,message", [
     (["--batch_size", "0"], "--batch_size: must be positive"),
-    (["--seq_length", "-5"], "--seq_length: must be positive"),
+    (["--seq_length", "-5"], "--seq_length: must be at least 2"),
+    (["--seq_length", "1"], "--seq_length: must be at least 2 .a token and the next one to predict"),
     (["--num_steps", "-1"], "--num_steps: must be zero or positive"),
     (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps: must be positive"),
     (["--tp_size", "0"], "--tp_size: must be positive"),
@@ -275,11 +284,22 @@ def test_empty_files_are_rejected(tmp_path):
         S.check_args(S.parse_args(["--validation_file", str(tmp_path / "val.jsonl")]))
 
 
+def test_a_training_file_that_is_not_utf8_is_one_line(tmp_path):
+    """Caught by the flag's check where the fault is in the file's first MiB, by load_text past it."""
+    (tmp_path / "early.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    with pytest.raises(S.UsageError, match=r"--train_file: .*early.txt is not UTF-8 text \(byte 0xe9 at offset 3\): "
+                                           r"convert it, e.g. iconv -f latin1 -t utf-8"):
+        S.parse_args(["--train_file", str(tmp_path / "early.txt")])
+    (tmp_path / "late.txt").write_bytes(b"plain text\n\n" * 100_000 + "caf\u00e9\n".encode("latin-1"))
+    args = S.parse_args(["--train_file", str(tmp_path / "late.txt"), "--cache_dir", str(tmp_path / "cache")])
+    with pytest.raises(S.UsageError, match=r"late.txt is not UTF-8 text \(byte 0xe9 past its first MiB\)"):
+        S.load_text(args)
+
+
 def test_ds_config_turns_on_autotp_from_the_config_alone():
-    args = S.parse_args(["--tp_size", "4", "--zero_stage", "1", "--batch_size", "3", "--gradient_accumulation_steps", "2",
-                          "--max_grad_norm", "0.5", "--precision", "fp16"])
-    S.derive_args(args, S.resolve_layout(0, 8, tp=4))
-    config = S.build_ds_config(args, {"partition_config": S.builtin_partition_config()})
+    run = preflight("--tp_size", "4", "--zero_stage", "1", "--batch_size", "3", "--gradient_accumulation_steps", "2",
+                    "--max_grad_norm", "0.5", "--precision", "fp16", world=8)
+    args, config = run.args, run.ds_config
     assert config["tensor_parallel"] == {"autotp_size": 4, "partition_config": {
         "use_default_specs": False, "layer_specs": S.gpt_neox_layer_specs()},
         "vocab_parallel_lm_head": True, "tp_overlap_comm": False}  # the vocab-parallel head is the default at tp > 1
@@ -290,7 +310,7 @@ def test_ds_config_turns_on_autotp_from_the_config_alone():
     assert "train_batch_size" not in config  # DeepSpeed derives it, using the DP size from BatchSizeMPU
     assert config["gradient_clipping"] == 0.5
     assert config["fp16"]["enabled"] and not config["bf16"]["enabled"]
-    assert S.parse_args([]).zero_stage == 2  # ZeRO-2 by default
+    assert preflight().ds_config["zero_optimization"]["stage"] == 2  # ZeRO-2 by default
     assert config["bf16"] == {"enabled": False, "check_grad_overflow": False}  # train() checks instead
 
 
@@ -303,14 +323,12 @@ def test_ds_config_turns_on_autotp_from_the_config_alone():
 ])
 def test_tp_accelerations_that_cannot_work_are_refused(argv, tp, message):
     with pytest.raises(S.UsageError, match=message):
-        S.derive_args(S.parse_args(argv), S.resolve_layout(0, tp, tp=tp))
+        preflight(*argv, "--tp_size", tp, world=tp)
 
 
 def test_tp_accelerations_reach_the_deepspeed_config():
     def config_for(*argv):
-        args = S.parse_args(argv)
-        S.derive_args(args, S.resolve_layout(0, 2, tp=2))
-        return S.build_ds_config(args, {"partition_config": S.builtin_partition_config()})
+        return preflight(*argv, "--tp_size", "2", world=2).ds_config
 
     config = config_for("--deepcompile")  # which turns the default vocab-parallel head off
     assert config["compile"] == {"deepcompile": True, "passes": ["autotp"]}
@@ -344,12 +362,9 @@ def test_the_first_non_finite_step_is_kept_on_the_device():
 def test_resumed_batches_continue_where_the_run_stopped(n, batch, skip):
     """Skipping k micro-batches (across epoch ends too) gives what the (k+1)-th read of a fresh run gives."""
     dataset = datasets.Dataset.from_dict({"input_ids": [[i] for i in range(n)]}).with_format("torch")
-    layout = S.resolve_layout(1, 4, tp=2)
-    args = S.parse_args(["--batch_size", str(batch)])
-    S.derive_args(args, layout)
-    fresh = S.train_batches(dataset, layout, args.batch_size, args.global_batch_size, args.seed, torch.device("cpu"))
-    resumed = S.train_batches(dataset, layout, args.batch_size, args.global_batch_size, args.seed, torch.device("cpu"),
-                               skip=skip)
+    layout, cpu = S.resolve_layout(1, 4, tp=2), torch.device("cpu")
+    fresh = S.train_batches(dataset, layout, batch, batch * layout.dp, 42, cpu)
+    resumed = S.train_batches(dataset, layout, batch, batch * layout.dp, 42, cpu, skip=skip)
     expected = [b.tolist() for b in itertools.islice(fresh, skip, skip + 30)]
     assert [b.tolist() for b in itertools.islice(resumed, 30)] == expected
 
@@ -361,10 +376,8 @@ SPLITS_OF_8 = [(1, 1, 8, 1), (2, 1, 4, 1), (4, 2, 2, 2), (8, 1, 1, 1), (2, 2, 2,
 def samples_per_step(dataset, world, tp, batch, accumulation, skip_steps=0, steps=30):
     """The sorted sample ids each optimizer step reads, over all DP ranks (one rank per TP group)."""
     layouts = [S.resolve_layout(rank, world, tp=tp) for rank in range(0, world, tp)]
-    args = S.parse_args(["--batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation)])
-    S.derive_args(args, layouts[0])
-    streams = [S.train_batches(dataset, l, args.batch_size, args.global_batch_size, args.seed, torch.device("cpu"),
-                                 skip=skip_steps * accumulation) for l in layouts]
+    streams = [S.train_batches(dataset, l, batch, batch * accumulation * l.dp, 42, torch.device("cpu"),
+                               skip=skip_steps * accumulation) for l in layouts]
     return [sorted(i for stream in streams for _ in range(accumulation) for i in next(stream).flatten().tolist())
             for _ in range(steps)]
 
@@ -382,41 +395,71 @@ def test_each_step_reads_the_same_samples_however_the_global_batch_is_split(n):
         assert samples_per_step(dataset, *split, skip_steps=11, steps=19) == reference[11:], split
 
 
-def fake_checkpoint(root, tag, args, complete=True):
+def fake_checkpoint(root, tag, args, complete=True, step=4):
     (root / tag).mkdir(parents=True)
     if complete:
-        (root / tag / "run.json").write_text(json.dumps({"step": 4, "samples_consumed": 16, "args": vars(args)}))
+        (root / tag / "run.json").write_text(json.dumps({"step": step, "samples_consumed": 4 * step,
+                                                         "args": vars(args)}))
 
 
-def test_find_checkpoint_follows_the_pointer_and_rejects_what_is_not_one(tmp_path):
-    args = S.parse_args(["--output_dir", str(tmp_path), "--tp_size", "2", "--dp_size", "2", "--resume_from_checkpoint", "latest"])
+def checkpointed_run(tmp_path, *argv):
+    """A checkpoint of a run at tp 2 x dp 2 made with argv (its run.json only): the settled arguments."""
+    args = preflight("--output_dir", tmp_path, "--tp_size", "2", "--dp_size", "2", *argv, world=4).args
+    fake_checkpoint(tmp_path / "checkpoints", "step_0000004", args)
+    (tmp_path / "checkpoints" / "latest").write_text("step_0000004")
+    return args
+
+
+def test_a_checkpoint_is_found_by_its_pointer_and_one_that_is_not_there_lists_those_that_are(tmp_path):
     root = tmp_path / "checkpoints"
-    with pytest.raises(S.UsageError, match="no complete checkpoint at .*checkpoints"):
-        S.find_checkpoint(args)  # nothing saved yet
-    fake_checkpoint(root, "step_0000004", args)
-    fake_checkpoint(root, "step_0000008", args, complete=False)  # a save that was killed half-way
-    (root / "latest").write_text("step_0000004")
-    assert S.find_checkpoint(args)[0] == root / "step_0000004"
-    args.resume_from_checkpoint = str(root)
-    assert S.find_checkpoint(args)[0] == root / "step_0000004"
-    for bad in (root / "step_0000008", tmp_path / "missing"):
-        args.resume_from_checkpoint = str(bad)
-        with pytest.raises(S.UsageError, match="no complete checkpoint at"):
-            S.find_checkpoint(args)
-    args.resume_from_checkpoint = "latest"
-    for flag, value in (("seq_length", 1024), ("model_name", "builtin:pythia-70m"), ("seed", 7),
-                        ("partition_config", "other.json")):
-        changed = argparse.Namespace(**{**vars(args), flag: value})
-        with pytest.raises(S.UsageError, match=f"written with --{flag} .*, this run has --{flag} {value}"):
-            S.find_checkpoint(changed)
-    # the topology may change (through a universal checkpoint), but not from or to ZeRO-0
-    for flags in ({"tp_size": 4, "dp_size": 1}, {"dp_size": 1, "batch_size": 2}, {"zero_stage": 1}):
-        changed = argparse.Namespace(**{**vars(args), **flags})
-        assert S.find_checkpoint(changed)[0] == root / "step_0000004"
-    changed = argparse.Namespace(**{**vars(args), "tp_size": 4, "dp_size": 1, "zero_stage": 0})
+    resume = ["--output_dir", tmp_path, "--tp_size", "2", "--resume_from_checkpoint"]
+    with pytest.raises(S.UsageError, match="latest: no complete checkpoint at .*checkpoints .no such directory.; "
+                                           "none is beside it .a run writes them with --save_interval N"):
+        preflight(*resume, "latest", world=4)  # nothing saved yet
+    checkpointed_run(tmp_path)
+    fake_checkpoint(root, "step_0000008", argparse.Namespace(), complete=False)  # a save that was killed half-way
+    assert preflight(*resume, "latest", world=4).resume.path == root / "step_0000004"
+    assert preflight(*resume, root, world=4).resume.path == root / "step_0000004"
+    with pytest.raises(S.UsageError, match="no complete checkpoint at .*step_0000008 .no run.json: a save that did "
+                                           "not finish.; the complete ones in .*checkpoints: step_0000004$"):
+        preflight(*resume, root / "step_0000008", world=4)
+    with pytest.raises(S.UsageError, match="step_0000002 .no such directory.; the complete ones in .*: step_0000004"):
+        preflight(*resume, root / "step_0000002", world=4)  # removed by --keep_last, say
+
+
+def test_a_resume_takes_the_checkpoints_settings_and_lists_every_flag_that_contradicts_them(tmp_path, capsys):
+    saved = checkpointed_run(tmp_path, "--model_name", "builtin:pythia-70m", "--seq_length", "64", "--precision",
+                             "fp32", "--seed", "7", "--num_steps", "20", "--learning_rate", "3e-4")
+    resume = ["--output_dir", tmp_path, "--tp_size", "2", "--resume_from_checkpoint", "latest"]
+    for extra in ([], ["--export_only"]):  # nothing to retype, for a resume or an export
+        args = preflight(*resume, *extra, world=4).args
+        assert all(getattr(args, n) == getattr(saved, n) for n in S.SAME_ON_RESUME + S.RESUMED_PLAN), extra
+    assert preflight(*resume, "--seq_length", "64", world=4).args.model_name == "builtin:pythia-70m"  # agrees: fine
+    with pytest.raises(S.UsageError, match=r"written with other settings: --seq_length 128 \(it has 64\); "
+                                           r"--precision bf16 \(it has fp32\): leave these flags out"):
+        preflight(*resume, "--seq_length", "128", "--precision", "bf16", world=4)
+    capsys.readouterr()
+    preflight(*resume, world=4)
+    assert "learning-rate schedule" not in capsys.readouterr().out  # the same plan: nothing to say
+    assert preflight(*resume, "--num_steps", "40", world=4).args.num_steps == 40  # the plan may change, and says so
+
+    def cosine(step, steps, warmup=2):  # after warmup: half a cosine from the peak to 0 over the remaining steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+
+    assert (f"the learning-rate schedule changes at step 4: {3e-4 * cosine(4, 20):.2e} in the checkpoint's (20 steps, "
+            f"2 of warmup, peak 3.0e-04), {3e-4 * cosine(4, 40):.2e} from here (40 steps, 2 of warmup, peak 3.0e-04)"
+            in capsys.readouterr().out)
+
+
+def test_a_resume_may_change_the_topology_but_not_from_or_to_zero_0(tmp_path):
+    checkpointed_run(tmp_path)
+    resume = ["--output_dir", tmp_path, "--resume_from_checkpoint", "latest"]
+    assert preflight(*resume, "--tp_size", "2", world=4).resume.universal is False
+    for flags, world in ((["--tp_size", "4"], 4), (["--tp_size", "1"], 2), (["--tp_size", "2", "--zero_stage", "1"], 4)):
+        assert preflight(*resume, *flags, world=world).resume.universal is True, flags
     with pytest.raises(S.UsageError, match="needs ZeRO-1 or 2 on both sides; resume with --tp_size 2 --dp_size 2 "
                                            "--zero_stage 2"):
-        S.find_checkpoint(changed)
+        preflight(*resume, "--tp_size", "4", "--zero_stage", "0", world=4)
 
 
 def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
