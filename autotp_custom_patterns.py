@@ -64,7 +64,7 @@ import threading
 import traceback
 import time
 import urllib.parse
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
@@ -75,8 +75,8 @@ import torch
 import torch.distributed as dist
 import transformers
 from deepspeed.accelerator import get_accelerator
-# DeepSpeed's restore of a universal checkpoint: one TP rank's slice of a whole parameter, read off the record
-# the AutoTP layer keeps on it. The per-rank loading below uses it so that no split rule is written twice.
+# One TP rank's slice of a whole parameter, as DeepSpeed restores a universal checkpoint (see fill_weights):
+# the per-rank loading uses it so that no split rule is written twice.
 from deepspeed.checkpoint.universal_checkpoint import _resolve_autotp_partition
 from deepspeed.module_inject.autotp_config import AutoTPConfig, AutoTPPresets, PartitionType, TPLayerSpec
 from deepspeed.module_inject.layers import LinearAllreduce, SubParamLinearAllreduce, TensorParallel_Layer
@@ -203,20 +203,19 @@ class BatchSizeMPU:
 # ---- 3. The DeepSpeed config (and the non-finite guard that replaces its bf16 overflow check) ----
 
 def build_ds_config(args, specs, training=True, load_universal=False):
-    """The whole DeepSpeed configuration, evaluation-only variant included (training=False: ZeRO-0, no
-    optimizer states to shard). AutoTP is on because autotp_size is set: nothing else to call. load_universal:
-    the checkpoint to resume from is in DeepSpeed's universal form (written at another topology). specs: where
-    the layer specs come from ({"partition_config": ...}, {"preset_model": NAME}, or nothing: the model's
-    tp_plan or DeepSpeed's parser)."""
+    """The whole DeepSpeed configuration; AutoTP is on because autotp_size is set, nothing else to call.
+    training=False: the evaluation-only variant (ZeRO-0, no optimizer states to shard). specs: where the layer
+    specs come from ({"partition_config": ...}, {"preset_model": NAME}, or nothing: the model's tp_plan or
+    DeepSpeed's parser). load_universal: the checkpoint is in DeepSpeed's universal form (another tp x dp)."""
+    stage = args.zero_stage if training else 0
     return {
         "train_micro_batch_size_per_gpu": args.batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "gradient_clipping": args.max_grad_norm,  # DeepSpeed clips at 1.0 unless told otherwise
         "zero_optimization": {
-            "stage": args.zero_stage if training else 0,
+            "stage": stage,
             # ZeRO-3 splits each TP shard again over the DP group: the export gathers the pieces back
-            **({"stage3_gather_16bit_weights_on_model_save": True} if args.zero_stage == 3 and training else
-               {}),
+            **({"stage3_gather_16bit_weights_on_model_save": True} if stage == 3 else {}),
             # the fp32 master weights, their gradients and AdamW's moments live on the host, which steps them
             # (DeepSpeed's CPU Adam: adamw_factory); the GPU keeps the 16-bit weights
             **({"offload_optimizer": {"device": "cpu"}} if training and args.offload_optimizer else {})},
@@ -304,18 +303,15 @@ def warmup_cosine_factory(args):
 def build_engine(model, args, layout, ds_config, optimizer=None, training=True):
     """deepspeed.initialize: AutoTP shards the model where it stands, then the engine moves the shards to the
     device and wraps the optimizer in ZeRO; then the per-rank head counts for model code that reads them.
-    training=False (with build_ds_config(training=False)): no optimizer, so no fp32 master weights or
-    optimizer state."""
+    training=False (with build_ds_config(training=False)): no optimizer, fp32 master weights or its state."""
     # an optimizer or scheduler in the config (a DeepSpeed config of your own) is DeepSpeed's to build
     own_optimizer = training and "optimizer" not in ds_config
-    own_schedule = training and "scheduler" not in ds_config
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
-                                           optimizer=(optimizer or adamw_factory(args, offloads_optimizer(
-                                               ds_config))) if own_optimizer else None,
-                                           lr_scheduler=warmup_cosine_factory(args) if own_schedule else None,
-                                           # at tp=1 DeepSpeed builds no AutoTP groups and would take its DP
-                                           # group from the mpu: it needs none
-                                           mpu=BatchSizeMPU(layout) if layout.tp > 1 else None)
+    optimizer = (optimizer or adamw_factory(args, offloads_optimizer(ds_config))) if own_optimizer else None
+    schedule = warmup_cosine_factory(args) if training and "scheduler" not in ds_config else None
+    # at tp=1 DeepSpeed builds no AutoTP groups and would take its DP group from the mpu: it needs none
+    mpu = BatchSizeMPU(layout) if layout.tp > 1 else None
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, optimizer=optimizer,
+                                           lr_scheduler=schedule, mpu=mpu)
     check_groups(engine, layout)
     localize_head_counts(engine.module, layout.tp)
     return engine
@@ -324,10 +320,10 @@ def build_engine(model, args, layout, ds_config, optimizer=None, training=True):
 def check_groups(engine, layout):
     """DeepSpeed's groups must be the ones this script's sampler assumes."""
     dp_group = engine.data_parallel_group  # the AutoTP DP group; at tp=1 (no AutoTP groups) the world
-    theirs = (dist.get_rank(dp_group), dist.get_world_size(dp_group))
+    theirs, ours = (dist.get_rank(dp_group), dist.get_world_size(dp_group)), (layout.dp_rank, layout.dp)
     if layout.tp > 1:
         theirs += (groups.get_tensor_model_parallel_rank(), groups.get_tensor_model_parallel_world_size())
-    ours = (layout.dp_rank, layout.dp) + ((layout.tp_rank, layout.tp) if layout.tp > 1 else ())
+        ours += (layout.tp_rank, layout.tp)
     if theirs != ours:
         raise RuntimeError(f"DeepSpeed's (dp_rank, dp, tp_rank, tp) = {theirs}, expected {ours}")
 
@@ -571,8 +567,7 @@ NON_NEGATIVE = checked(float, lambda v: v >= 0, "zero or positive")
 
 def existing_file(suffixes=None):
     """An argparse type: a file that exists, is not empty and (given suffixes) is of a kind the run reads; a
-    text file (all but parquet) must begin as UTF-8 (its first MiB is read; load_text catches a later
-    fault)."""
+    text file must begin as UTF-8 (its first MiB is read; load_text catches a later fault)."""
     def parse(path):
         if suffixes and Path(path).suffix not in suffixes:
             raise argparse.ArgumentTypeError(f"{path}: use one of {', '.join(suffixes)}")
@@ -622,12 +617,10 @@ def build_parser():
     p = Parser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
     # model
-    a("--model_name", type=known_model,
-      default=BUILTIN_PREFIX + ("pythia-410m" if gpu else "tiny"),
+    a("--model_name", type=known_model, default=BUILTIN_PREFIX + ("pythia-410m" if gpu else "tiny"),
       help=f"hub id, local directory, or builtin:NAME (random weights; NAME in {', '.join(BUILTIN_SHAPES)}); "
            "builtin:pythia-410m on a machine with a GPU, builtin:tiny without")
-    a("--tokenizer_name", default=None,
-      help="tokenizer to use instead of the model's own")
+    a("--tokenizer_name", default=None, help="tokenizer to use instead of the model's own")
     a("--random_init", action="store_true",
       help="build a hub/local model from its config with random weights")
     a("--shard_on_load", action=argparse.BooleanOptionalAction, default=None,
@@ -677,8 +670,7 @@ def build_parser():
       help="set by the deepspeed launcher; torchrun sets LOCAL_RANK instead")
     # data
     a("--dataset_name", default=None, help="Hugging Face datasets name, e.g. wikitext")
-    a("--dataset_config_name", default=None,
-      help="its configuration: wikitext-103-raw-v1")
+    a("--dataset_config_name", default=None, help="its configuration: wikitext-103-raw-v1")
     a("--train_file", type=existing_file(TEXT_FILE_BUILDERS), default=None,
       help="txt (one document per paragraph), json/jsonl, csv or parquet")
     a("--validation_file", type=existing_file(TEXT_FILE_BUILDERS), default=None,
@@ -712,8 +704,7 @@ def build_parser():
            "once the first one has paid for the compilation. Default: on with CUDA GPUs, off on CPU")
     a("--activation_checkpointing", action="store_true",
       help="recompute each layer's activations in the backward pass: less memory, ~30%% more compute")
-    a("--seed", type=int, default=42,
-      help="seed of the weights, data order and tokenizer")
+    a("--seed", type=int, default=42, help="seed of the weights, data order and tokenizer")
     # reporting
     a("--log_interval", type=POSITIVE_INT, default=5, help="log every N steps (each log syncs the host)")
     a("--eval_interval", type=COUNT, default=25,
@@ -759,10 +750,8 @@ def check_args(args):
 
 
 def check_tp_features(args, layout):
-    """The TP accelerations need tp > 1, and DeepSpeed cannot combine DeepCompile's autotp pass with the
-    others (the vocabulary-parallel head: vocab_parallel_refusal) or with ZeRO-3; that pass is for CPU runs
-    only (on GPUs the weights the TP ranks hold whole drift apart under it). An offloaded optimizer needs a
-    ZeRO optimizer to hand its steps to the host. Refused here, before any weight loads."""
+    """What DeepSpeed cannot run of the TP accelerations, ZeRO stages and the offloaded optimizer together
+    (each error says why; the vocabulary-parallel head's: vocab_parallel_refusal), before any weight loads."""
     if args.offload_optimizer and args.zero_stage == 0:
         raise UsageError("--offload_optimizer (or offload_optimizer in your --deepspeed_config) needs ZeRO: "
                          "use --zero_stage 1, 2 or 3")
@@ -785,9 +774,8 @@ def check_tp_features(args, layout):
 
 
 def choose_layout(args, config):
-    """This rank's place in tp x dp: the sizes given, or, given neither, tp as large as the world and the
-    model's heads and MLP width allow. A plain `python ... --dry_run` lays out --world_size (or tp x dp)
-    ranks."""
+    """This rank's place in tp x dp: the sizes given, or tp as large as the model's heads and MLP width allow.
+    A plain `python ... --dry_run` lays out --world_size (or tp x dp) ranks."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.dry_run and "WORLD_SIZE" not in os.environ:
         world = args.world_size or (args.tp_size or 1) * (args.dp_size or 1)
@@ -800,16 +788,13 @@ def choose_layout(args, config):
 
 
 def derive_args(args, layout, config, shapes_only, source):
-    """The flags with the values that follow from them, the machine, the layout and the model, as a new
-    namespace that nothing changes afterwards: tp and dp, the TP accelerations and --compile, the default
-    warmup and micro-batch (sized to the GPU's memory), the batch arithmetic and the user's DeepSpeed
-    settings. A default that does not apply to this model or layout is turned off with one line saying why,
-    never refused."""
+    """The flags with every value that follows from them, the machine, the layout and the model, in a new
+    namespace that nothing changes afterwards. A default that does not apply to this model or layout is
+    turned off with one line saying why, never refused."""
     user = user_ds_config(args)  # kept in each checkpoint's run.json too
     args = argparse.Namespace(**vars(args) | {
         "user_deepspeed_config": user,
-        "zero_stage": args.zero_stage if args.zero_stage is not None else dig(user, "zero_optimization.stage",
-                                                                               2),
+        "zero_stage": dig(user, "zero_optimization.stage", 2) if args.zero_stage is None else args.zero_stage,
         "offload_optimizer": args.offload_optimizer or dig(
             user, "zero_optimization.offload_optimizer.device", None) in ("cpu", "nvme")})
     check_tp_features(args, layout)
@@ -833,10 +818,8 @@ def derive_args(args, layout, config, shapes_only, source):
 
 
 def vocab_parallel_refusal(args, config, shapes_only, source, tp):
-    """Why the vocabulary-parallel head cannot apply at this tp, or None where it does: it needs tp > 1, no
-    DeepCompile, a tp that divides the vocabulary, and an output head that is a Linear of its own with a name
-    DeepSpeed splits (the spec source's lm_head_patterns, by default DeepSpeed's), not tied to the input
-    embedding."""
+    """Why the vocabulary-parallel head cannot apply at this tp, or None where it does. DeepSpeed splits a
+    head whose name is in the spec source's lm_head_patterns (by default its own)."""
     heads = (source.tp_config and source.tp_config.lm_head_patterns) or AutoTPConfig().lm_head_patterns
     head = shapes_only.get_output_embeddings()
     name = next((n for n, m in shapes_only.named_modules() if m is head), "").split(".")[-1]
@@ -908,8 +891,8 @@ def merge_user_config(args, ours, theirs):
     """A user's DeepSpeed config merged over the script's, key by key: theirs wins, except where the script's
     flags set the value (SCRIPT_OWNED): the same value is fine, another one is refused, naming the flag."""
     for key, flag in SCRIPT_OWNED.items():
-        value, mine = dig(theirs, key), dig(ours, key)
-        mine = args.global_batch_size if key == "train_batch_size" else mine
+        value = dig(theirs, key)
+        mine = args.global_batch_size if key == "train_batch_size" else dig(ours, key)
         if isinstance(value, dict) and isinstance(mine, dict):  # a script's section: each key must agree
             key, value, mine = next(((f"{key}.{k}", v, mine.get(k, MISSING)) for k, v in value.items()
                                      if mine.get(k, MISSING) != v), (key, MISSING, mine))
@@ -987,18 +970,22 @@ def report(engine, prefix, record):
 @dataclass(frozen=True)
 class SpecSource:
     """Where the layer specs come from, as DeepSpeed will read them: the entries of its config's
-    tensor_parallel section, and its AutoTPConfig of the specs (None: DeepSpeed's automatic parser decides
-    inside deepspeed.initialize, and the plan is read off the sharded model instead)."""
+    tensor_parallel section, and its AutoTPConfig of the specs (None: its parser decides, in initialize)."""
     name: str
     tensor_parallel: dict
     tp_config: AutoTPConfig | None
     every_spec_matches: bool = True  # not for a converted tp_plan: it lists names with and without the
     #                                  model's prefix, and norms, which the plan of Linears does not cover
 
+    @classmethod
+    def of(cls, name, partition_config, every_spec_matches=True):
+        """The source of a partition_config: DeepSpeed reads it from the config, and so does the plan."""
+        return cls(name, {"partition_config": partition_config}, autotp_config(partition_config),
+                   every_spec_matches)
+
     def plan(self, model, tp, vocab_parallel=False, sharded=None):
         """plan_partition of these specs on the shapes-only model; where DeepSpeed's parser decides, the plan
-        is read off the `sharded` model (the layer type that replaced each module), or None before there is
-        one."""
+        read off the `sharded` model (the layer types it swapped in), or None before there is one."""
         if self.tp_config:
             return plan_partition(model, self.tp_config, tp, vocab_parallel, self.every_spec_matches)
         if sharded is None:
@@ -1012,10 +999,8 @@ PRESETS = [name for name in vars(AutoTPPresets)
 
 
 def spec_source(args, config, shapes_only):
-    """--partition_config: a JSON file (DeepSpeed's partition_config), preset:NAME (DeepSpeed's
-    AutoTPPresets), tp_plan (the model's Hugging Face tp_plan, converted by DeepSpeed's TPPlanConverter),
-    autotp_parser (DeepSpeed's automatic parser, for a model without a tp_plan), or nothing: the built-in
-    GPT-NeoX specs. DeepSpeed's own objects read each; they are not copied here."""
+    """The SpecSource --partition_config names (its --help lists them; none: the built-in GPT-NeoX specs).
+    DeepSpeed's own objects read each (AutoTPPresets, TPPlanConverter, AutoTPConfig); none is copied here."""
     given, model_type = args.partition_config, config.model_type
     hf_plan = _get_hf_tp_plan(shapes_only)
     if given is None:
@@ -1024,8 +1009,7 @@ def spec_source(args, config, shapes_only):
             raise UsageError(f"the built-in layer specs are for GPT-NeoX; for {model_type} pass "
                              f"--partition_config with a spec file,{hint} or preset:NAME "
                              f"({', '.join(PRESETS)}); README: Which specs")
-        return SpecSource("the built-in GPT-NeoX specs", {"partition_config": builtin_partition_config()},
-                          autotp_config(builtin_partition_config()))
+        return SpecSource.of("the built-in GPT-NeoX specs", builtin_partition_config())
     if given.startswith("preset:"):
         name = given.split(":", 1)[1]
         if name not in PRESETS:
@@ -1055,16 +1039,13 @@ def spec_source(args, config, shapes_only):
         return SpecSource("DeepSpeed's automatic parser", {}, None)
     if not Path(given).is_file():
         raise UsageError(f"--partition_config {given} is no file, nor preset:NAME, tp_plan or autotp_parser")
-    partition_config = load_partition_config(given)
-    return SpecSource(f"the spec file {given}", {"partition_config": partition_config},
-                      autotp_config(partition_config))
+    return SpecSource.of(f"the spec file {given}", load_partition_config(given))
 
 
 def head_kept_whole(source, args, shapes_only, layout, quiet):
-    """The source, or where its own specs split the output head (a preset's, a tp_plan's) over a tp that
+    """The source, or, where its own specs (a preset's, a tp_plan's) split the output head over a tp that
     does not divide it and the vocabulary-parallel head is off, the same specs behind one that keeps the head
-    whole: the head stays whole (one line, unless derive_args said so already), as the built-in specs leave
-    it."""
+    whole, as the built-in specs leave it (one line says so, unless derive_args did)."""
     head = shapes_only.get_output_embeddings()
     name = next((n for n, m in shapes_only.named_modules() if m is head), None)
     spec = source.tp_config and name and source.tp_config.find_matching_spec(name + ".weight",
@@ -1081,8 +1062,7 @@ def head_kept_whole(source, args, shapes_only, layout, quiet):
     partition_config = {"use_default_specs": source.tp_config.use_default_specs,
                         "layer_specs": [whole, *specs], "lm_head_patterns": source.tp_config.lm_head_patterns}
     # the source's own head spec now matches nothing: not a fault here
-    return SpecSource(source.name, {"partition_config": partition_config}, autotp_config(partition_config),
-                      every_spec_matches=False)
+    return SpecSource.of(source.name, partition_config, every_spec_matches=False)
 
 
 # What each spec source was measured to do on tiny random models at tp 2 and 4, per model type: None, it
@@ -1188,9 +1168,8 @@ def check_spec_shape(name, weight_shape, spec, tp):
     must add up to the weight, and each must divide by tp."""
     shape, dim = spec.shape, spec.get_partition_dim()
     if shape is None:
-        size = weight_shape[dim] if dim < len(weight_shape) else None
-        if size is not None and size % tp:
-            raise UsageError(f"{name} {tuple(weight_shape)}: dim {dim} ({size}) does not divide "
+        if dim < len(weight_shape) and weight_shape[dim] % tp:
+            raise UsageError(f"{name} {tuple(weight_shape)}: dim {dim} ({weight_shape[dim]}) does not divide "
                              f"by --tp_size {tp}")
         return
     if len(shape) != len(weight_shape):
@@ -1212,9 +1191,7 @@ def expected_local_shape(global_shape, spec, tp):
     a row-parallel bias is not split (it is added once, after the all-reduce)."""
     if spec is None or spec.partition_type == PartitionType.SKIP:
         return tuple(global_shape)
-    dim = spec.get_partition_dim()
-    if dim >= len(global_shape):
-        return tuple(global_shape)
+    dim = spec.get_partition_dim()  # past a bias's one dimension: not split
     return tuple(n // tp if d == dim else n for d, n in enumerate(global_shape))
 
 
@@ -1351,14 +1328,14 @@ def check_model_fits_tp(config, tp, seq_length):
 GPU_MEMORY_USABLE = 0.85  # of a GPU's memory the estimate may fill: the allocator and NCCL need the rest
 
 
-def memory_per_rank_gib(local_params, layout, args):
+def memory_per_rank_gib(local_params, dp, args):
     """Model states per rank: weights in the training dtype (ZeRO-3: 1/dp of them); gradients in the training
     dtype up to ZeRO-1, an fp32 partition (1/dp) from ZeRO-2 on; AdamW's two moments plus fp32 master weights
     (training in 16 bits), partitioned over dp from ZeRO-1 on. Offloaded (--offload_optimizer), the fp32
     gradients, masters and moments live on the host ("host": (16 + w) bytes per parameter, 1/dp of them) and
     the GPU keeps the weights and their gradients in the training dtype on their way out (a bound: they are
     sent in buckets). "total" is the GPU's part."""
-    width, dp = DTYPES[args.precision].itemsize, layout.dp
+    width = DTYPES[args.precision].itemsize
     parts = {"weights": local_params * width / (dp if args.zero_stage == 3 else 1),
              "gradients": local_params * 4 / dp if args.zero_stage >= 2 else local_params * width,
              "optimizer": local_params * (8 + (4 if width < 4 else 0)) / (dp if args.zero_stage >= 1 else 1)}
@@ -1381,7 +1358,7 @@ def estimated_memory_gib(args, config, tp, dp, vocab_split):
     L, h, V, s = config.num_hidden_layers, config.hidden_size, config.vocab_size, args.seq_length
     head = V * h / (tp if vocab_split else 1)
     local_params = 12 * L * h * h / tp + V * h + head
-    states = memory_per_rank_gib(local_params, Layout(0, tp * dp, tp, dp), args)["total"]
+    states = memory_per_rank_gib(local_params, dp, args)["total"]
     if args.zero_stage == 3 and dp > 1:
         states += (2 * 12 * h * h / tp + head) * DTYPES[args.precision].itemsize / 2 ** 30
     blocks = (2 * L * h + h * (10 + 24 / tp)) if args.activation_checkpointing else L * h * (10 + 24 / tp)
@@ -1405,16 +1382,15 @@ def default_micro_batch(args, config, layout):
 
 # What else a run can be where it does not fit as asked, in the order layout advice tries them: ZeRO-3 also
 # partitions the weights (it pays from dp 2 on), then the optimizer's states go to the host.
-REMEDIES = {"as asked": ({}, ""), "ZeRO-3": ({"zero_stage": 3}, "--zero_stage 3"),
+REMEDIES = {"as asked": ({}, ""), "ZeRO-3": ({"zero_stage": 3, "compile": False}, "--zero_stage 3"),  # eager
             "optimizer offloaded": ({"offload_optimizer": True}, "--offload_optimizer")}
 
 
 def layout_table(args, config, shapes_only, source, world_size, wanted):
     """Every tp x dp of this world the model divides into, with its estimated memory per rank at the run's
-    micro-batch as asked, with ZeRO-3 and with the optimizer offloaded (REMEDIES), and whether each fits the
-    GPU (when its memory is known). Recommended: the smallest tp that fits as asked (TP costs throughput per
-    GPU), or where none does, the smallest with a remedy that fits (`choice` names it). wanted:
-    --vocab_parallel as given (None: where it applies)."""
+    micro-batch as asked and with each of the REMEDIES, and whether each fits the GPU (when its memory is
+    known). Recommended: the smallest tp that fits as asked, or where none does, the smallest with a remedy
+    that fits (`choice` names it). wanted: --vocab_parallel as given (None: where it applies)."""
     memory, rows = gpu_memory_gib(args), []
     for tp in fitting_tps(config, world_size):
         split = wanted is not False and vocab_parallel_refusal(args, config, shapes_only, source, tp) is None
@@ -1448,13 +1424,12 @@ def advise_layout(args, layouts, layout):
 
 
 def check_fits(args, config, shapes_only, source, layout, wanted):
-    """A GPU run whose estimate exceeds the GPU's memory (its model states alone, or with its micro-batch, one
-    sequence where the micro-batch was sized) is refused before any weight loads, in one line naming what
-    would fit: this world's other layouts with ZeRO-3 or the optimizer offloaded, activation checkpointing,
-    or more GPUs. All from estimated_memory_gib."""
-    memory = gpu_memory_gib(args)
-    if memory is None or args.dry_run or not torch.cuda.is_available():
+    """A GPU run whose estimate exceeds the GPU's memory (a sized micro-batch counting as one sequence) is
+    refused before any weight loads, in one line naming what would fit: this world's layouts with a remedy,
+    activation checkpointing, or more GPUs."""
+    if args.dry_run or not torch.cuda.is_available():
         return
+    memory = gpu_memory_gib(args)
     usable = GPU_MEMORY_USABLE * memory
     states, per_sequence = estimated_memory_gib(args, config, layout.tp, layout.dp, args.vocab_parallel)
     if states + args.batch_size * per_sequence <= usable:
@@ -1484,15 +1459,14 @@ def check_fits(args, config, shapes_only, source, layout, wanted):
 
 
 def dry_run(run):
-    """--dry_run: every Linear weight, the spec that matched it, global and per-rank shapes, an estimate of
-    the memory per rank, and every layout of the world. Needs the config only (the model is on the meta
-    device)."""
+    """--dry_run: every Linear weight with the spec that matched it and its global and per-rank shapes, the
+    estimated memory per rank, and every layout of the world. Needs the config only (no weights)."""
     args, layout, plan, source = run.args, run.layout, run.plan, run.source
     total = run.stats["parameters"]
     local = sum(math.prod(plan[n][2]) if n in plan else p.numel()
                 for n, p in run.shapes_only.named_parameters())
     rows, table = plan_rows(plan, source), plan_table(plan, source, layout.tp, every_weight=True)
-    memory = memory_per_rank_gib(local, layout, args)
+    memory = memory_per_rank_gib(local, layout.dp, args)
     lines = [f"dry run: {args.model_name} ({total / 1e6:,.1f}M parameters), tp={layout.tp}, dp={layout.dp}, "
              f"ZeRO-{args.zero_stage}, {args.precision}", table,
              "memory per rank (estimate, GiB; activations and communication buckets not included): "
@@ -1500,7 +1474,7 @@ def dry_run(run):
     head = [r for r in rows if plan[r["weight"]][0] is VOCAB_PARALLEL_HEAD]
     if head:  # what the whole head would cost on top, per rank
         rest = sum(math.prod(r["global"]) - math.prod(r["per_rank"]) for r in head)
-        whole = memory_per_rank_gib(local + rest, layout, args)
+        whole = memory_per_rank_gib(local + rest, layout.dp, args)
         lines.append(f"the vocab-parallel head ({head[0]['global']} -> {head[0]['per_rank']} per rank) saves "
                      f"{whole['total'] - memory['total']:.2f} GiB per rank of weights, gradients and "
                      f"optimizer state, and its logits take 1/{layout.tp} of the memory")
@@ -1547,7 +1521,7 @@ def init_distributed(local_rank):
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=60))
     global CPU_GROUP  # a gloo group for the host-side agreements (stop signals, leaving together on an error)
     CPU_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=5))
-    return torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
+    return torch.device(accelerator.device_name(local_rank))  # "cpu" on DeepSpeed's CPU accelerator
 
 
 class LeaderFailed(Exception):
@@ -1617,8 +1591,7 @@ def load_text(args):
     if args.dataset_name:
         raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name,
                                     trust_remote_code=args.trust_remote_code or None)
-        train = raw["train"]
-        validation = raw.get("validation")
+        train, validation = raw["train"], raw.get("validation")
     else:
         train = load_file(args.train_file or embedded_corpus(args.cache_dir, large=torch.cuda.is_available()))
         validation = None
@@ -1914,12 +1887,12 @@ def model_weights(args, config, dtype, device, shapes_only):
         from huggingface_hub import snapshot_download
         directory = Path(from_hub(lambda name, **kw: snapshot_download(name, allow_patterns=["*.safetensors",
                                   "*.safetensors.index.json"], **kw), args.model_name, "--model_name"))
-    weights = (safetensors_weights(directory, shapes_only, f"--model_name {args.model_name}")
-               if any(directory.glob("*.safetensors")) else None)
-    if weights:
-        return weights
-    why = "transformers transforms its tensors on load" if any(directory.glob("*.safetensors")) else (
-        "it has no safetensors files")
+    why = "it has no safetensors files"
+    if any(directory.glob("*.safetensors")):
+        weights = safetensors_weights(directory, shapes_only, f"--model_name {args.model_name}")
+        if weights:
+            return weights
+        why = "transformers transforms its tensors on load"
     model = from_hub(AutoModelForCausalLM.from_pretrained, args.model_name, "--model_name", config=config,
                      dtype=dtype, trust_remote_code=args.trust_remote_code)
     return CheckpointWeights(model.state_dict().__getitem__,
@@ -1989,9 +1962,8 @@ def staging_place(args, n_params, dtype, device):
 
 def build_sharded_model(run, device, clock, probe=None):
     """Each rank builds or reads only the weights it will hold: the model stands empty (on the GPU, or on the
-    host when it does not fit, see staging_place), deepspeed.initialize cuts it into this rank's shards, and
-    then every shard is written from the weights: random ones made one module at a time on the device, or
-    this rank's slices of the checkpoint's tensors. ZeRO's fp32 master weights are then refreshed from them.
+    host when it does not fit, see staging_place), deepspeed.initialize cuts it into this rank's shards, then
+    fill_weights writes every shard and ZeRO's fp32 master weights are refreshed from them.
     With a probe (--verify_tp), rank 0 first computes the unsharded reference on a whole model, then frees it.
     Returns the engine and the reference (None without a probe or off rank 0)."""
     args, config, layout = run.args, run.config, run.layout
@@ -2040,11 +2012,12 @@ def decide_compile(args, model):
     """--compile / --no-compile as given; by default on with CUDA GPUs, where it was measured faster, and
     off on CPU, where compiling takes longer than a short run saves and needs a C++ compiler, and under
     ZeRO-3: there the compiled blocks computed wrong gradients on a GPU (ZeRO-3 gathers each layer's weights
-    in hooks around its forward and backward). Checked on the shapes-only model, before any weight loads."""
+    in hooks around its forward and backward). --dry_run lays out a GPU run, so its memory estimate assumes
+    the GPU's default. Checked on the shapes-only model, before any weight loads."""
     blocks = repeated_blocks(model)
     if args.compile is None:
-        return (get_accelerator().device_name() == "cuda" and bool(blocks) and not args.deepcompile
-                and args.zero_stage != 3)
+        return ((get_accelerator().device_name() == "cuda" or args.dry_run) and bool(blocks)
+                and not args.deepcompile and args.zero_stage != 3)
     if args.compile and args.zero_stage == 3:
         raise UsageError("--compile cannot be combined with --zero_stage 3: its compiled blocks computed "
                          "wrong gradients under ZeRO-3's weight gathering; use --no-compile or --zero_stage "
@@ -2260,8 +2233,7 @@ def complete_checkpoints(root):
 
 def checkpoint_settings(args, meta, given):
     """The flags of a resumed run (or an export): SAME_ON_RESUME and RESUMED_PLAN from the checkpoint's
-    run.json where not given; a given SAME_ON_RESUME flag that disagrees with the checkpoint is refused,
-    every one of them in one line."""
+    run.json where not given; given SAME_ON_RESUME flags that disagree with it are refused in one line."""
     saved = meta["args"]
     clashes = [f"--{name} {getattr(args, name)} (it has {saved.get(name)})" for name in SAME_ON_RESUME
                if name in given and getattr(args, name) != saved.get(name)]
@@ -2340,7 +2312,10 @@ def save_checkpoint(engine, args, layout, step, samples, history, evals):
     dist.broadcast_object_list(tag, src=0)
     tag = tag[0]
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save(rng_state(), root / tag / f"rng_rank{layout.rank:05d}.pt")
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, root / tag / f"rng_rank{layout.rank:05d}.pt")
     dist.barrier()  # every rank's files are on disk
     if layout.rank == 0:
         meta = {"step": step, "samples_consumed": samples, "args": vars(args), "history": history,
@@ -2371,8 +2346,7 @@ def topology(run_args):
 
 def universal_checkpoint(path, layout):
     """DeepSpeed's universal form of a checkpoint (ds_to_universal: every parameter and optimizer state whole,
-    loadable at any tp x dp), converted once and kept beside it. The conversion runs in a .partial directory
-    renamed when complete (written_whole), so one killed part-way is redone, never trusted."""
+    loadable at any tp x dp), converted once and kept beside it; one killed part-way is redone."""
     target = path.with_name(path.name + UNIVERSAL)
     if (target / "run.json").is_file():
         log(layout, f"reusing the universal checkpoint {target}")
@@ -2406,13 +2380,6 @@ def written_whole(target):
     yield partial
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
-
-
-def rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
 
 
 def load_checkpoint(engine, path, layout):
@@ -2489,10 +2456,10 @@ class StopSignal:
 def train(run, engine, blocks, device, clock):
     """The loop, from step 1 or from the checkpoint's run.json. Returns one record per logged step, the
     evaluations, and the name of the signal that stopped it early (or None)."""
-    args, layout, resumed = run.args, run.layout, run.resume and run.resume.meta
-    first = resumed["step"] + 1 if resumed else 1
-    history, evals = (resumed["history"], resumed["evals"]) if resumed else ([], [])
-    samples = resumed["samples_consumed"] if resumed else 0  # where this rank's reading of the data resumes:
+    args, layout = run.args, run.layout
+    resumed = run.resume.meta if run.resume else dict(step=0, history=[], evals=[], samples_consumed=0)
+    first, history, evals = resumed["step"] + 1, resumed["history"], resumed["evals"]
+    samples = resumed["samples_consumed"]  # where this rank's reading of the data resumes:
     skip = samples // (args.batch_size * layout.dp)  # exactly, when the global batch is the checkpoint's
     data_wait = [0.0]  # host seconds spent waiting for the next batch
     batches = timed(train_batches(blocks["train"], layout, args.batch_size, args.global_batch_size, args.seed,
@@ -2604,9 +2571,9 @@ def step_record(run, engine, step, loss, lr, step_time, data_wait_fraction, peak
 
 
 class Clock:
-    """The start-up, phase by phase: one line each with its seconds and the host memory's peak so far, and
-    for results.json the phases and the seconds from the process's start (imports included) to the end of the
-    first optimizer step. It also keeps that peak (HostMemory) for the step lines and results.json."""
+    """The start-up, phase by phase: one line each with its seconds and the host memory's peak so far
+    (HostMemory), and for results.json the phases and the seconds from the process's start (imports
+    included) to the end of the first optimizer step."""
 
     def __init__(self, layout):
         self.layout, self.phases, self.first_step_s, self.figures = layout, {}, None, {}
@@ -2639,9 +2606,8 @@ class Clock:
 
 
 class HostMemory:
-    """Peak anonymous resident memory of this process (what it allocated itself, not the file pages it
-    maps, such as a memory-mapped checkpoint, which the resident set counts too), sampled every 20 ms on a
-    thread."""
+    """Peak anonymous resident memory of this process (what it allocated itself, not the file pages it maps,
+    such as a memory-mapped checkpoint), sampled every 20 ms on a thread."""
 
     def __init__(self):
         self.process, self.stopped = psutil.Process(), threading.Event()
@@ -2746,7 +2712,7 @@ def collect_results(run, history, evals, clock, **outcome):
     host_peaks = [None] * layout.world_size  # peak anonymous resident memory of each rank's process
     dist.all_gather_object(host_peaks, clock.host.peak_gib())
     return {"args": vars(run.args),
-            "layout": asdict(layout) | {"tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank},
+            "layout": dataclasses.asdict(layout) | {"tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank},
             "model": run.stats, "train": history, "eval": evals, "throughput": throughput_summary(history),
             "host_memory_gib_per_rank": host_peaks, "startup": clock.summary(), **outcome,
             "versions": library_versions()}
