@@ -15,6 +15,10 @@ python -m pip install -q -r requirements.txt -c constraints.txt
 
 if [ "${1:-}" = test ]; then
   shift
+  # DeepSpeed's CPU Adam (the offloaded optimizer's) compiles once, on first use, and is cached: build it here,
+  # at set-up, rather than inside the first test that offloads
+  python -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('CPUAdamBuilder').load()" \
+    > /dev/null
   exec python -m pytest -q "$@"
 fi
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
