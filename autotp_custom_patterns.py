@@ -416,7 +416,7 @@ class Run:
     layouts: list  # every tp x dp of the world, with its estimated memory per rank
     stats: dict  # parameter counts and FLOPs per token
     training: bool  # False: an evaluation-only launch (no optimizer, no optimizer states)
-    ds_config: dict  # the recipe's DeepSpeed config with the user's merged in, as DeepSpeed read it
+    ds_config: dict  # the recipe's DeepSpeed config with the user's merged in, as DeepSpeed's reading took it
     resume: Resume | None
 
 
@@ -451,17 +451,21 @@ def preflight(argv=None):
     if settled.dry_run and plan is None:
         raise UsageError(f"--dry_run needs the specs before deepspeed.initialize, and {source.name} "
                          "decides only inside it: use --verify_tp on a short run instead")
-    check_fits(settled, config, shapes_only, source, layout, wanted=args.vocab_parallel)
+    training = settled.num_steps > 0 or saved is not None  # else evaluation only: no optimizer states
+    if training:
+        check_fits(settled, config, shapes_only, source, layout, wanted=args.vocab_parallel)
     layouts = layout_table(settled, config, shapes_only, source, layout.world_size,
                            wanted=args.vocab_parallel)
     if not settled.dry_run:
         advise_layout(settled, layouts, layout)
     resume = resume_plan(settled, layout, *saved) if saved else None
     # 3. The DeepSpeed config, yours merged in, checked by DeepSpeed's own reading.
-    training = settled.num_steps > 0 or resume is not None
     universal = resume is not None and resume.universal
     ds_config = build_ds_config(settled, source.tensor_parallel, training, universal)
-    ds_config = merge_user_config(settled, ds_config, settled.user_deepspeed_config)
+    user = settled.user_deepspeed_config
+    if not training and "zero_optimization" in user:  # evaluating runs at ZeRO-0: your stage is for training
+        user = deep_merge(user, {"zero_optimization": {"stage": 0}})
+    ds_config = merge_user_config(settled, ds_config, user)
     check_ds_config(ds_config, f"--deepspeed_config {args.deepspeed_config}" if args.deepspeed_config
                     else "the DeepSpeed config")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
@@ -605,7 +609,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     depends on the run) or there is none."""
 
     def _get_help_string(self, action):
-        if "default" in action.help.lower() or action.default in (None, False):
+        if "default" in action.help.lower() or action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
 
@@ -1059,8 +1063,9 @@ def head_kept_whole(source, args, shapes_only, layout, quiet):
     specs = [{k: v.value if isinstance(v, PartitionType) else v for k, v in dataclasses.asdict(s).items()
               if v is not None} for s in source.tp_config.layer_specs]
     whole = {"patterns": [rf"^{re.escape(name)}\.weight$"], "partition_type": "skip"}
-    partition_config = {"use_default_specs": source.tp_config.use_default_specs,
-                        "layer_specs": [whole, *specs], "lm_head_patterns": source.tp_config.lm_head_patterns}
+    kept = {k: v for k, v in dataclasses.asdict(source.tp_config).items()
+            if k not in ("tp_size", "layer_specs")}
+    partition_config = kept | {"layer_specs": [whole, *specs]}
     # the source's own head spec now matches nothing: not a fault here
     return SpecSource.of(source.name, partition_config, every_spec_matches=False)
 
@@ -1083,8 +1088,7 @@ SOURCE_VERDICTS = {
     "opt": {"autotp_parser": None},
     "bloom": {"preset:bloom": "the ALiBi biases are built for all heads, not each rank's",
               "autotp_parser": "the ALiBi biases are built for all heads, not each rank's"},
-    "falcon": {"autotp_parser": "its row-parallel output is modified in place in the backward pass"},
-    "gpt2": {"autotp_parser": "DeepSpeed's parser does not take its Conv1D layers"}}
+    "falcon": {"autotp_parser": "its row-parallel output is modified in place in the backward pass"}}
 
 
 def source_verdict(config, key):
@@ -1331,18 +1335,19 @@ GPU_MEMORY_USABLE = 0.85  # of a GPU's memory the estimate may fill: the allocat
 def memory_per_rank_gib(local_params, dp, args):
     """Model states per rank: weights in the training dtype (ZeRO-3: 1/dp of them); gradients in the training
     dtype up to ZeRO-1, an fp32 partition (1/dp) from ZeRO-2 on; AdamW's two moments plus fp32 master weights
-    (training in 16 bits), partitioned over dp from ZeRO-1 on. Offloaded (--offload_optimizer), the fp32
-    gradients, masters and moments live on the host ("host": (16 + w) bytes per parameter, 1/dp of them) and
-    the GPU keeps the weights and their gradients in the training dtype on their way out (a bound: they are
-    sent in buckets). "total" is the GPU's part."""
+    (training in 16 bits; ZeRO-0 in bf16 keeps none, so there this is a bound), partitioned over dp from
+    ZeRO-1 on. Offloaded (--offload_optimizer), the fp32 gradients, masters and moments live on the host
+    ("host": (16 + w) bytes per parameter, 1/dp of them) and the GPU keeps the weights and their gradients in
+    the training dtype on their way out (a bound: they are sent in buckets). "total" is the GPU's part."""
     width = DTYPES[args.precision].itemsize
     parts = {"weights": local_params * width / (dp if args.zero_stage == 3 else 1),
              "gradients": local_params * 4 / dp if args.zero_stage >= 2 else local_params * width,
              "optimizer": local_params * (8 + (4 if width < 4 else 0)) / (dp if args.zero_stage >= 1 else 1)}
     if args.offload_optimizer:
-        parts |= {"gradients": local_params * width, "optimizer": 0.0,
-                  "host": local_params * (16 + width) / dp}
+        parts |= {"gradients": local_params * width, "optimizer": 0.0}
     parts["total"] = parts["weights"] + parts["gradients"] + parts["optimizer"]
+    if args.offload_optimizer:
+        parts["host"] = local_params * (16 + width) / dp
     return {k: v / 2 ** 30 for k, v in parts.items()}
 
 
@@ -1380,22 +1385,27 @@ def default_micro_batch(args, config, layout):
     return 2 ** int(math.log2(fits)) if fits >= 1 else 1
 
 
-# What else a run can be where it does not fit as asked, in the order layout advice tries them: ZeRO-3 also
-# partitions the weights (it pays from dp 2 on), then the optimizer's states go to the host.
-REMEDIES = {"as asked": ({}, ""), "ZeRO-3": ({"zero_stage": 3, "compile": False}, "--zero_stage 3"),  # eager
-            "optimizer offloaded": ({"offload_optimizer": True}, "--offload_optimizer")}
+def remedies(args):
+    """What else a run can be where it does not fit as asked, in the order layout advice tries them: ZeRO-3
+    also partitions the weights (it pays from dp 2 on; eager, as compile is off under it), then the
+    optimizer's states go to the host (which needs a ZeRO optimizer). Name -> (the settings it changes, its
+    flags)."""
+    zero = {"zero_stage": 2} if args.zero_stage == 0 else {}
+    return {"as asked": ({}, ""), "ZeRO-3": ({"zero_stage": 3, "compile": False}, "--zero_stage 3"),
+            "optimizer offloaded": ({"offload_optimizer": True} | zero,
+                                    "--zero_stage 2 " * bool(zero) + "--offload_optimizer")}
 
 
 def layout_table(args, config, shapes_only, source, world_size, wanted):
     """Every tp x dp of this world the model divides into, with its estimated memory per rank at the run's
-    micro-batch as asked and with each of the REMEDIES, and whether each fits the GPU (when its memory is
+    micro-batch as asked and with each of the remedies, and whether each fits the GPU (when its memory is
     known). Recommended: the smallest tp that fits as asked, or where none does, the smallest with a remedy
     that fits (`choice` names it). wanted: --vocab_parallel as given (None: where it applies)."""
     memory, rows = gpu_memory_gib(args), []
     for tp in fitting_tps(config, world_size):
         split = wanted is not False and vocab_parallel_refusal(args, config, shapes_only, source, tp) is None
         row = {"tp": tp, "dp": world_size // tp}
-        for name, (change, _) in REMEDIES.items():
+        for name, (change, _) in remedies(args).items():
             states, per_sequence = estimated_memory_gib(argparse.Namespace(**vars(args) | change), config, tp,
                                                         world_size // tp, split)
             total = states + args.batch_size * per_sequence
@@ -1403,7 +1413,7 @@ def layout_table(args, config, shapes_only, source, world_size, wanted):
                          "fits": None if memory is None else total <= GPU_MEMORY_USABLE * memory}
         rows.append(row | {"gib_per_rank": row["as asked"]["gib_per_rank"], "fits": row["as asked"]["fits"],
                            "recommended": False, "choice": None})
-    for name in REMEDIES:
+    for name in remedies(args):
         best = next((r for r in rows if r[name]["fits"]), None)
         if best:
             best["recommended"], best["choice"] = True, name
@@ -1416,7 +1426,7 @@ def advise_layout(args, layouts, layout):
     costs throughput per GPU), or where none fits as asked, one with ZeRO-3 or the optimizer offloaded."""
     best = next((r for r in layouts if r["recommended"]), None)
     if best and torch.cuda.is_available() and (best["tp"] < layout.tp or best["choice"] != "as asked"):
-        flags = REMEDIES[best["choice"]][1]
+        flags = remedies(args)[best["choice"]][1]
         log(layout, f"note: tp {best['tp']} x dp {best['dp']}{' with ' + flags if flags else ''} would fit "
                     f"({best[best['choice']]['gib_per_rank']:.0f} GiB per rank estimated, of "
                     f"{gpu_memory_gib(args):.0f}) and TP costs throughput per GPU (README: TP where it "
@@ -1438,7 +1448,7 @@ def check_fits(args, config, shapes_only, source, layout, wanted):
     def fitting(settings, world):
         rows = layout_table(settings, config, shapes_only, source, world, wanted)
         return [f"tp {r['tp']} x dp {r['dp']}{' ' + flags if flags else ''} ({r[n]['gib_per_rank']:.0f} GiB)"
-                for r in rows for n, (_, flags) in REMEDIES.items() if r[n]["fits"]]
+                for r in rows for n, (_, flags) in remedies(args).items() if r[n]["fits"]]
 
     one = argparse.Namespace(**vars(args) | {"batch_size": 1 if args.micro_batch_sized else args.batch_size})
     ways = fitting(one, layout.world_size)[:3]
@@ -1494,11 +1504,12 @@ def dry_run(run):
     for r in run.layouts:
         mark = ""
         if r["recommended"]:
-            flags = REMEDIES[r["choice"]][1]
+            flags = remedies(args)[r["choice"]][1]
             mark = f"   <- recommended: the smallest tp that fits{' with ' + flags if flags else ''}"
+        others = [f"{name} {r[name]['gib_per_rank']:.1f}{fit(r[name])}" for name in remedies(args)
+                  if name != "as asked"]
         lines.append(f"  tp {r['tp']} x dp {r['dp']}: {r['gib_per_rank']:.1f} GiB per rank{fit(r)}; "
-                     + "; ".join(f"{name} {r[name]['gib_per_rank']:.1f}{fit(r[name])}" for name in REMEDIES
-                                 if name != "as asked") + mark)
+                     + "; ".join(others) + mark)
     log(layout, "\n".join(lines))
     return {"dry_run": rows, "memory_per_rank_gib": memory, "warnings": warnings, "layouts": run.layouts}
 
@@ -1768,9 +1779,11 @@ def build_model(args, config, dtype, where="cpu", weights=None):
 
 
 def meta_model(config, trust_remote_code=False, dtype=None):
-    """The model's modules with shapes and names only (on the meta device): no memory, no computation."""
+    """The model's modules with shapes and names only (on the meta device): no memory, no computation. It
+    gets its own copy of the config, which the training switches (use_cache) may change."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype,
+                                                trust_remote_code=trust_remote_code)
 
 
 def empty_model(args, config, dtype, where):
@@ -2458,7 +2471,7 @@ def train(run, engine, blocks, device, clock):
     evaluations, and the name of the signal that stopped it early (or None)."""
     args, layout = run.args, run.layout
     resumed = run.resume.meta if run.resume else dict(step=0, history=[], evals=[], samples_consumed=0)
-    first, history, evals = resumed["step"] + 1, resumed["history"], resumed["evals"]
+    first, history, evals = resumed["step"] + 1, list(resumed["history"]), list(resumed["evals"])
     samples = resumed["samples_consumed"]  # where this rank's reading of the data resumes:
     skip = samples // (args.batch_size * layout.dp)  # exactly, when the global batch is the checkpoint's
     data_wait = [0.0]  # host seconds spent waiting for the next batch
@@ -2529,14 +2542,16 @@ def evaluate(run, engine, dataset, device, step):
     layout, batch_size = run.layout, run.args.batch_size
     engine.eval()
     shard = list(range(layout.dp_rank, len(dataset), layout.dp))  # TP peers pass the same dp_rank
-    passes = math.ceil(math.ceil(len(dataset) / layout.dp) / batch_size)  # the longest shard's
+    longest = math.ceil(len(dataset) / layout.dp)  # DP rank 0's shard
+    passes = math.ceil((longest if engine.zero_optimization_partition_weights() else len(shard)) / batch_size)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # sum of block losses, block count
-    for i in range(passes if engine.zero_optimization_partition_weights() else len(shard)):
+    for i in range(passes):
         blocks = shard[i * batch_size:(i + 1) * batch_size]
         input_ids = dataset[blocks or [0]]["input_ids"].to(device)
         loss = engine(input_ids=input_ids, labels=input_ids).loss
-        count = torch.tensor(len(blocks), dtype=torch.float64, device=device)
-        totals += torch.stack([loss.double() * count, count])
+        if blocks:  # (a pass only ZeRO-3 needs is not counted)
+            count = torch.tensor(len(blocks), dtype=torch.float64, device=device)
+            totals += torch.stack([loss.double() * count, count])
     dist.all_reduce(totals, group=engine.data_parallel_group)
     engine.train()
     loss = (totals[0] / totals[1]).item()

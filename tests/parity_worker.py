@@ -178,11 +178,11 @@ def main():
     wrong = S.SpecSource("the wrong specs", {"partition_config": wrong}, S.autotp_config(wrong))
     results = {"wrong_specs": run(first.args, layout, config, wrong, None, dataset, device), "variants": {}}
     for variant in variants:
-        args = S.preflight(argv + variant.split()).args
+        settled = S.preflight(argv + variant.split())
+        args, source = settled.args, settled.source
         # no clipping for SGD: it would hide a gradient-scale error
         sgd_args = argparse.Namespace(**vars(args) | {"max_grad_norm": 0.0, "learning_rate": 0.5})
         sgd = lambda params: torch.optim.SGD(params, lr=sgd_args.learning_rate)  # noqa: E731
-        source = S.spec_source(args, config, first.shapes_only)
         results["variants"][variant] = {
             "vocab_parallel": args.vocab_parallel,
             "adamw": run(args, layout, config, source, S.adamw_factory(args), dataset, device),

@@ -90,7 +90,9 @@ def test_a_gpu_run_that_cannot_fit_is_refused_before_loading_naming_what_would(m
                               f"{states + activations:.1f} GiB per GPU at tp 1 x dp 1 (estimate), more than the 120 "
                               "GiB usable of 141: what fits: tp 1 x dp 1 --offload_optimizer ("), message
     assert "with --activation_checkpointing" in message and "; 2 GPUs at tp 1 x dp 2 (" in message, message
-    assert S.preflight(["--model_name", "builtin:pythia-6.9b", "--gpu_memory_gib", "141", "--offload_optimizer"])
+    offloaded = S.preflight(["--model_name", "builtin:pythia-6.9b", "--gpu_memory_gib", "141", "--offload_optimizer"])
+    assert offloaded.ds_config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert offloaded.args.batch_size >= 8  # the weights, their gradients and 8 sequences fit: sized to it
 
 
 def test_dry_run_lists_every_layout_and_recommends_the_smallest_tp_that_fits(capsys):

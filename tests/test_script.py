@@ -52,10 +52,14 @@ def test_deepspeed_launcher_with_text_files_and_eval_only(tmp_path, cache):
     assert_learned(trained)
     assert trained["layout"]["tp"] == 2 and trained["layout"]["dp"] == 1
 
-    proc, evaluated = run_script(2, tmp_path / "eval", cache, *common[:-2], "--num_steps", "0")
+    # evaluation only, three blocks a pass, with a DeepSpeed config whose ZeRO stage is for training
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2}}')
+    proc, evaluated = run_script(2, tmp_path / "eval", cache, *common[:-2], "--num_steps", "0", "--batch_size", "3",
+                                 "--deepspeed_config", tmp_path / "ds.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert evaluated["train"] == [] and len(evaluated["eval"]) == 1 and evaluated["eval"][0]["step"] == 0
-    assert math.isfinite(evaluated["eval"][0]["loss"])
+    assert math.isfinite(evaluated["eval"][0]["loss"]) and evaluated["deepspeed_config"]["zero_optimization"]["stage"] == 0
+    assert evaluated["eval"][0]["blocks"] == trained["eval"][-1]["blocks"]  # each held-out block once, as at batch 1
 
 
 def test_compiled_blocks_train_as_the_eager_model_does(tmp_path, cache):
