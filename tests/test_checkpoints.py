@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SCRIPT, torchrun, run_script, error_line
+from conftest import ROOT, SCRIPT, TOL, torchrun, run_script, error_line
 
 
-TOL = 1e-6
-TOPOLOGY_TOL = 1e-5  # another tp x dp sums the same terms in another order
+EXACT = 1e-6  # a resume at the same topology repeats the same arithmetic (TOL: another tp x dp, another order)
 # Short fp32 run with a loss every step and a checkpoint every 4 steps; the last step is 14. At 60 tokens
 # the embedded text holds out 35 blocks, which neither 2 nor 3 DP ranks divide.
 RUN = ["--tp_size", "2", "--dp_size", "2", "--precision", "fp32", "--seq_length", "60", "--num_steps", "14",
@@ -85,7 +84,7 @@ def pointer(out):
     return path.read_text().strip() if path.is_file() else None
 
 
-def assert_same_losses_after(resumed, reference, step, tol=TOL):
+def assert_same_losses_after(resumed, reference, step, tol=EXACT):
     ours = {r["step"]: r["loss"] for r in resumed["train"]}
     theirs = {r["step"]: r["loss"] for r in reference["train"]}
     later = [s for s in theirs if s > step]
@@ -150,13 +149,13 @@ def test_resume_at_tp4_dp1_continues_the_run_and_reuses_its_conversion(tmp_path,
     assert ("step_0000008 was written at tp 2 x dp 2 (ZeRO-2), resuming at tp 4 x dp 1 (ZeRO-2) through a "
             "universal checkpoint") in proc.stdout and "converting" in proc.stdout
     assert resumed["resumed_from"].endswith("step_0000008_universal")
-    assert_same_losses_after(resumed, reference, 8, TOPOLOGY_TOL)
-    assert plain_logits_diff(tmp_path / "hf", out / "hf") < TOPOLOGY_TOL
+    assert_same_losses_after(resumed, reference, 8, TOL)
+    assert plain_logits_diff(tmp_path / "hf", out / "hf") < TOL
 
     proc, again = resume_at(tmp_path, cache, 4, 4, 1, 2, "--skip_export")  # the same resume, a second time
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reusing the universal checkpoint" in proc.stdout and "converting" not in proc.stdout
-    assert_same_losses_after(again, reference, 8, TOPOLOGY_TOL)
+    assert_same_losses_after(again, reference, 8, TOL)
 
 
 def test_a_conversion_killed_part_way_is_redone_at_tp1_dp2_and_back(tmp_path, cache, uninterrupted, killed):
@@ -173,13 +172,13 @@ def test_a_conversion_killed_part_way_is_redone_at_tp1_dp2_and_back(tmp_path, ca
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming at tp 1 x dp 2 (ZeRO-2)" in proc.stdout and "converting" in proc.stdout
     assert not partial.exists()
-    assert_same_losses_after(resumed, reference, 8, TOPOLOGY_TOL)
+    assert_same_losses_after(resumed, reference, 8, TOL)
     # and back to tp 2 x dp 2 from this run's step 12: a checkpoint written at tp 1, where AutoTP left no record
     proc, back = run_script(4, tmp_path, cache, *RUN, "--skip_export", "--resume_from_checkpoint",
                             tmp_path / "checkpoints" / "step_0000012")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "written at tp 1 x dp 2 (ZeRO-2), resuming at tp 2 x dp 2" in proc.stdout
-    assert_same_losses_after(back, reference, 12, TOPOLOGY_TOL)
+    assert_same_losses_after(back, reference, 12, TOL)
 
 
 def test_export_only_from_a_checkpoint_of_another_topology(tmp_path, cache, killed):
@@ -194,7 +193,7 @@ def test_export_only_from_a_checkpoint_of_another_topology(tmp_path, cache, kill
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert results["train"] == [] and ("through a universal checkpoint" in proc.stdout) == (tp == 1)
         exports.append(out / "hf")
-    assert plain_logits_diff(*exports) < TOPOLOGY_TOL
+    assert plain_logits_diff(*exports) < TOL
 
 
 def test_zero3_with_the_optimizer_on_the_host_trains_resumes_and_exports_as_zero2_does(tmp_path, cache,
@@ -208,8 +207,8 @@ def test_zero3_with_the_optimizer_on_the_host_trains_resumes_and_exports_as_zero
                              "--keep_last", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (zero3["deepspeed_config"]["zero_optimization"]["stage"], zero3["args"]["offload_optimizer"]) == (3, True)
-    assert_same_losses_after(zero3, zero2, 0, TOPOLOGY_TOL)
-    assert plain_logits_diff(tmp_path / "z3" / "hf", out / "hf") < TOPOLOGY_TOL
+    assert_same_losses_after(zero3, zero2, 0, TOL)
+    assert plain_logits_diff(tmp_path / "z3" / "hf", out / "hf") < TOL
     step8 = tmp_path / "z3" / "checkpoints" / "step_0000008"
     proc, resumed = run_script(4, tmp_path / "same", cache, "--tp_size", "2", "--resume_from_checkpoint", step8,
                                "--skip_export")
@@ -220,7 +219,7 @@ def test_zero3_with_the_optimizer_on_the_host_trains_resumes_and_exports_as_zero
                              "--resume_from_checkpoint", step8, "--skip_export")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming at tp 4 x dp 1 (ZeRO-3) through a universal checkpoint" in proc.stdout
-    assert_same_losses_after(moved, zero3, 8, TOPOLOGY_TOL)
+    assert_same_losses_after(moved, zero3, 8, TOL)
     proc, _ = run_script(4, tmp_path / "z2", cache, "--tp_size", "2", "--resume_from_checkpoint", step8,
                          "--zero_stage", "2")
     assert "written with ZeRO-3, this run has ZeRO-2: DeepSpeed's universal checkpoints do not carry over" in (
@@ -254,7 +253,7 @@ def test_export_reloads_in_plain_transformers_with_the_sharded_logits(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     diff = float(proc.stdout.split()[-1])
-    assert diff < 1e-5, f"reloaded logits differ from the sharded model's by {diff:.2e}"
+    assert diff < TOL, f"reloaded logits differ from the sharded model's by {diff:.2e}"
 
 
 @pytest.mark.parametrize("nproc,tp", [(1, 1), (2, 1), (3, 1), (4, 4)])
@@ -269,7 +268,7 @@ def test_exported_model_evaluates_like_the_training_run(tmp_path, cache, uninter
                                  "--precision", "fp32", "--seq_length", "60", "--num_steps", "0", "--verify_tp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert evaluated["eval"][0]["blocks"] == blocks
-    assert abs(evaluated["eval"][0]["loss"] - reference["eval"][-1]["loss"]) < TOL
+    assert abs(evaluated["eval"][0]["loss"] - reference["eval"][-1]["loss"]) < EXACT
     assert evaluated["verify_tp"]["worst_relative_diff"] < 1e-4  # a trained model, sharded again at this tp
 
 
@@ -311,4 +310,4 @@ def test_tp_accelerations_resume_exactly_and_export_the_trained_model(tmp_path, 
     proc, evaluated = run_script(1, tmp_path / "eval", cache, "--model_name", tmp_path / "full" / "hf", "--tp_size", "1",
                                  "--precision", "fp32", "--seq_length", "60", "--num_steps", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert abs(evaluated["eval"][0]["loss"] - full["eval"][-1]["loss"]) < TOL
+    assert abs(evaluated["eval"][0]["loss"] - full["eval"][-1]["loss"]) < EXACT

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SCRIPT, run_script, error_line, assert_learned
+from conftest import ROOT, SCRIPT, TOL, run_script, error_line, assert_learned
 
 
 
@@ -76,8 +76,8 @@ def test_compiled_blocks_train_as_the_eager_model_does(tmp_path, cache):
     assert "torch.compile" not in runs[0][0].stdout
     for key in ("loss", "grad_norm"):
         want, got = [r[key] for r in eager["train"]], [r[key] for r in compiled["train"]]
-        assert len(got) == 6 and got == pytest.approx(want, rel=1e-5), key
-    assert compiled["eval"][-1]["loss"] == pytest.approx(eager["eval"][-1]["loss"], rel=1e-5)
+        assert len(got) == 6 and got == pytest.approx(want, rel=TOL), key
+    assert compiled["eval"][-1]["loss"] == pytest.approx(eager["eval"][-1]["loss"], rel=TOL)
 
 
 @pytest.mark.parametrize("nproc,args,message", [
