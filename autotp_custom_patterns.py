@@ -1455,10 +1455,11 @@ def check_fits(args, config, shapes_only, source, layout, wanted):
     if not args.activation_checkpointing:
         ways += [f"{w} with --activation_checkpointing" for w in fitting(
             argparse.Namespace(**vars(one) | {"activation_checkpointing": True}), layout.world_size)[:1]]
-    world = next((w for w in (2, 4, 8, 16, 32, 64, 128, 256) if w > layout.world_size and fitting(one, w)),
-                 None)
-    if world:
-        ways.append(f"{world} GPUs at {fitting(one, world)[0]}")
+    for world in (w for w in (2, 4, 8, 16, 32, 64, 128, 256) if w > layout.world_size):
+        larger = fitting(one, world)
+        if larger:
+            ways.append(f"{world} GPUs at {larger[0]}")
+            break
     what = (f"the model states alone need {states:.1f} GiB" if states > usable else
             f"{states:.1f} GiB of model states and {args.batch_size} x {per_sequence:.1f} GiB of activations "
             f"need {states + args.batch_size * per_sequence:.1f} GiB")
